@@ -1,0 +1,41 @@
+"""Compatibility of mmengine checkpoints with ``torch.load(weights_only=True)`` (torch >= 2.6).
+
+mmengine writes its message hub (``HistoryBuffer`` of numpy arrays) and numpy scalars into every
+checkpoint; torch's safe unpickler rejects them. Instead of switching the safety off, the exact
+types mmengine writes are added to torch's allow-list.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+__all__ = ['mmengine_checkpoint_globals', 'allow_mmengine_checkpoints']
+
+
+def mmengine_checkpoint_globals() -> list:
+    """The non-tensor types found in mmengine checkpoints (empty when mmengine is absent)."""
+    import numpy as np
+
+    try:  # numpy >= 2 keeps the pickling helpers in numpy._core
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    found = [np.ndarray, np.dtype, _reconstruct, scalar]
+    # The concrete dtype classes numpy pickles for arrays and scalars (np.dtypes exists for numpy >= 1.25).
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        found += [type(np.dtype(t)) for t in (
+            np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+            np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)]
+    if importlib.util.find_spec('mmengine') is not None:
+        from mmengine.logging.history_buffer import HistoryBuffer
+        found.append(HistoryBuffer)
+    return found
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Allow-list :func:`mmengine_checkpoint_globals` for ``torch.load(weights_only=True)``."""
+    import torch.serialization
+
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is not None:  # torch < 2.4 loads everything anyway
+        add(mmengine_checkpoint_globals())

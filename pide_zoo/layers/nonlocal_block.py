@@ -1,0 +1,166 @@
+"""The PIDE nonlocal block (Bohn, Griebel & Kannan 2021, Section 4.2-4.4, Figure 3).
+
+One module serves as a plain ``nn.Module``, as timm's ``attn_layer`` (``cls(channels, **kwargs)``)
+and as an mmcv/mmseg plugin (``cls(in_channels=..., **cfg)``).
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Callable, Optional, Union
+
+from torch import Tensor, nn
+
+from .pide_ops import (
+    KERNELS,
+    apply_kernel,
+    check_normalizer,
+    check_s,
+    check_tile_size,
+    nonlocal_aggregate,
+    pide_kernel,
+    resolve_method,
+    resolve_operator,
+)
+
+__all__ = ['PIDEBlock']
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+    return value
+
+
+class PIDEBlock(nn.Module):
+    """Multi-stage nonlocal block discretising a PIDE operator.
+
+    With B_0 = X and k = 1..``stages``:  B_k = X + h * ReLU(BN(K_k A(B_{k-1}))),
+    where A is the nonlocal aggregate of ``operator`` (see :func:`nonlocal_aggregate`) whose kernel
+    omega(theta(X_i), phi(X_j)) is computed once from X, and K_k is a 1x1 convolution.
+    Keys (phi(X) and the values at key positions) are max-pooled by ``subsample``.
+    The output has the shape of the input.
+
+    Args:
+        channels: number of input (= output) channels C.
+        operator: ``'diffusion'`` (L, eq. 4.1), ``'frac_laplacian'`` ((-Delta)^s, 4.4),
+            ``'inv_frac_laplacian'`` ((-Delta)^-s, 4.5), ``'log'`` ((-Delta)^-1, 4.6) or an alias.
+        s: order of the fractional operators (default 1/2, 1/2, n/2).
+        n: dimension in the constants c_{n,s}.
+        stages: number of stages S (the paper: 2; Table 2: 4).
+        h: step size h.
+        lam: kernel scaling lambda.
+        embed_ratio: width of theta and phi relative to C.
+        subsample: max-pool size on the key side (1 = off).
+        kernel: ``'dot'`` or ``'gaussian'`` (diffusion only).
+        symmetric: use theta on both sides of the kernel (no phi).
+        normalizer: ``'key'`` (M, default), ``'query'``, ``'rowsum'`` or a number.
+        method: ``'auto'``, ``'lowrank'``, ``'tiled'`` or ``'dense'``.
+        tile_size: query positions per tile of the tiled path.
+        norm_layer: normalisation after each K_k.
+        act_layer: activation after the normalisation.
+        in_channels: alias of ``channels`` for mmcv's plugin builder.
+    """
+
+    def __init__(
+            self,
+            channels: Optional[int] = None,
+            operator: str = 'diffusion',
+            s: Optional[float] = None,
+            n: int = 2,
+            stages: int = 2,
+            h: float = 0.06,
+            lam: float = 0.1,
+            embed_ratio: float = 0.5,
+            subsample: int = 2,
+            kernel: str = 'dot',
+            symmetric: bool = False,
+            normalizer: Union[str, float, None] = None,
+            method: str = 'auto',
+            tile_size: Optional[int] = None,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            act_layer: Callable[..., nn.Module] = nn.ReLU,
+            *,
+            in_channels: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if channels is None:
+            channels = in_channels
+        elif in_channels is not None and in_channels != channels:
+            raise ValueError(f'channels ({channels}) and in_channels ({in_channels}) disagree; pass one of them')
+        self.channels = _positive_int('channels', channels)
+        self.operator = resolve_operator(operator)
+        self.s = check_s(self.operator, s, n)
+        self.n = n
+        self.stages = _positive_int('stages', stages)
+        for name, value in (('h', h), ('lam', lam), ('embed_ratio', embed_ratio)):
+            if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f'{name} must be a positive number, got {value!r}')
+        self.h, self.lam = float(h), float(lam)
+        self.subsample = _positive_int('subsample', subsample)
+        if kernel not in KERNELS:
+            raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+        if kernel != 'dot' and self.operator != 'diffusion':
+            raise ValueError(f"kernel={kernel!r} applies to operator 'diffusion' only, got {self.operator!r}")
+        self.kernel = kernel
+        self.symmetric = bool(symmetric)
+        self.normalizer = check_normalizer(normalizer)
+        self.method = resolve_method(method, self.operator, kernel)
+        self.tile_size = check_tile_size(tile_size)
+
+        dd = dict(device=device, dtype=dtype)
+        c = self.channels
+        self.embed_channels = max(1, int(round(c * embed_ratio)))
+        self.theta = nn.Conv2d(c, self.embed_channels, 1, **dd)
+        self.phi = None if self.symmetric else nn.Conv2d(c, self.embed_channels, 1, **dd)
+        self.pool = nn.MaxPool2d(self.subsample) if self.subsample > 1 else nn.Identity()
+        self.convs = nn.ModuleList([nn.Conv2d(c, c, 1, **dd) for _ in range(self.stages)])
+        self.norms = nn.ModuleList([norm_layer(c, **dd) for _ in range(self.stages)])
+        self.act = act_layer()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # He-normal convolutions, as the authors' code.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+
+    def extra_repr(self) -> str:
+        s = f', s={self.s}' if self.s is not None else ''
+        return (f'channels={self.channels}, operator={self.operator!r}{s}, stages={self.stages}, h={self.h}, '
+                f'lam={self.lam}, subsample={self.subsample}, kernel={self.kernel!r}, method={self.method!r}')
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'x must be a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}')
+        if x.shape[1] != self.channels:
+            raise ValueError(f'x must have channels={self.channels} channels, got {x.shape[1]}')
+        if x.shape[2] < self.subsample or x.shape[3] < self.subsample:
+            raise ValueError(
+                f'x spatial size {tuple(x.shape[2:])} must be at least subsample={self.subsample} in each dimension')
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Query and (pooled) key embeddings, (B, E, N) and (B, E, M)."""
+        theta = self.theta(x)
+        phi = theta if self.phi is None else self.phi(x)
+        return theta.flatten(2), self.pool(phi).flatten(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        theta, phi = self.embed(x)
+        kw = dict(operator=self.operator, normalizer=self.normalizer)
+        # The dense path is the paper's: the kernel is formed once and reused by every stage.
+        kern = pide_kernel(theta, phi, operator=self.operator, s=self.s, n=self.n, lam=self.lam,
+                           kernel=self.kernel) if self.method == 'dense' else None
+        out = x
+        for conv, norm in zip(self.convs, self.norms):
+            v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
+            if kern is not None:
+                agg = apply_kernel(kern, v_query, v_key, **kw).to(v_query.dtype)
+            else:
+                agg = nonlocal_aggregate(theta, phi, v_query, v_key, s=self.s, n=self.n, lam=self.lam,
+                                         kernel=self.kernel, method=self.method, tile_size=self.tile_size, **kw)
+            out = x + self.h * self.act(norm(conv(agg.view_as(x))))
+        return out

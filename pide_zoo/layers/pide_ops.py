@@ -1,0 +1,346 @@
+"""Functional core of the PIDE nonlocal operators.
+
+Discretisations of the partial integro-differential operators of Bohn, Griebel & Kannan,
+*Deep Neural Networks and PIDE discretizations* (2021), Sections 3 and 4.2-4.4:
+
+* nonlocal diffusion ``L`` (4.1):          (1/N) sum_j w_ij (V_j - V_i),  w_ij = lam theta_i . phi_j
+* fractional Laplacian ``(-Delta)^s`` (4.4): (c_{n,s}/N) sum_j lam |theta_i - phi_j|^-(n+2s) (V_i - V_j)
+* inverse fractional Laplacian ``(-Delta)^-s`` (4.5): (c_{n,-s}/N) sum_j lam |theta_i - phi_j|^-(n-2s) V_j
+* log kernel ``(-Delta)^-1`` for s = n/2 (4.6): (c_n/N) sum_j lam (-2 log|theta_i - phi_j| - gamma) V_j
+
+Three ways to evaluate them, all exact:
+
+* ``'lowrank'``: the dot-product diffusion kernel has rank E, so sum_j w_ij V_j = lam theta_i^T (Phi V^T)
+  costs O(N E C) and never forms the N x M kernel;
+* ``'tiled'``: any kernel, evaluated over tiles of query positions with activation checkpointing, so
+  memory stays O(tile M) in the forward and the backward pass;
+* ``'dense'``: the N x M kernel at once, as the paper computed it (for benchmarks and FLOP counts).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    'OPERATORS', 'OPERATOR_ALIASES', 'KERNELS', 'NORMALIZERS', 'METHODS', 'EULER_GAMMA',
+    'resolve_operator', 'default_s', 'check_s', 'check_normalizer', 'check_tile_size', 'pide_constant',
+    'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method',
+]
+
+OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
+KERNELS = ('dot', 'gaussian')
+NORMALIZERS = ('key', 'query', 'rowsum')
+METHODS = ('auto', 'lowrank', 'tiled', 'dense')
+EULER_GAMMA = 0.5772156649015329
+
+# The paper's names and common spellings for each operator.
+OPERATOR_ALIASES = {
+    'diffusion': 'diffusion', 'nonlocal_diffusion': 'diffusion', 'L': 'diffusion',
+    'frac_laplacian': 'frac_laplacian', 'fractional_laplacian': 'frac_laplacian', 'frac': 'frac_laplacian',
+    '(-Delta)^s': 'frac_laplacian', '(-Delta)^{1/2}': 'frac_laplacian',
+    'inv_frac_laplacian': 'inv_frac_laplacian', 'inverse_fractional_laplacian': 'inv_frac_laplacian',
+    'invfrac': 'inv_frac_laplacian', 'inv_frac': 'inv_frac_laplacian', 'riesz': 'inv_frac_laplacian',
+    '(-Delta)^-s': 'inv_frac_laplacian', '(-Delta)^{-1/2}': 'inv_frac_laplacian',
+    'log': 'log', 'log_kernel': 'log', 'inv_laplacian': 'log', '(-Delta)^-1': 'log', '(-Delta)^{-1}': 'log',
+}
+
+# Below this multiple of the machine epsilon (relative to |theta_i|^2 + |phi_j|^2) a squared
+# distance obtained from |a|^2 - 2 a.b + |b|^2 is rounding noise: the pair counts as coincident.
+_COINCIDENT_EPS = 64.0
+_ROWSUM_EPS = 1e-6
+# Elements of one float32 kernel tile (B * tile * M) when tile_size is not given: 64 MiB.
+_TILE_ELEMENTS = 1 << 24
+
+
+def resolve_operator(operator: str) -> str:
+    """Canonical operator name for ``operator`` or one of its aliases (``OPERATOR_ALIASES``)."""
+    try:
+        return OPERATOR_ALIASES[operator]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f'operator must be one of {OPERATORS} or an alias {sorted(OPERATOR_ALIASES)}, got {operator!r}'
+        ) from None
+
+
+def default_s(operator: str, n: int = 2) -> Optional[float]:
+    """The paper's order ``s`` for ``operator``: 1/2, 1/2 and n/2 (log kernel); None for diffusion."""
+    return {'diffusion': None, 'frac_laplacian': 0.5, 'inv_frac_laplacian': 0.5, 'log': n / 2}[
+        resolve_operator(operator)]
+
+
+def check_s(operator: str, s: Optional[float], n: int = 2) -> Optional[float]:
+    """Validate the order ``s`` of ``operator`` in dimension ``n``; returns the default when None."""
+    operator = resolve_operator(operator)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f'n (the dimension of the domain) must be a positive int, got {n!r}')
+    if s is None:
+        return default_s(operator, n)
+    if operator == 'diffusion':
+        raise ValueError(f"s is not used by operator 'diffusion'; pass s=None, got {s!r}")
+    if not isinstance(s, Real) or isinstance(s, bool):
+        raise ValueError(f's must be a real number, got {s!r}')
+    s = float(s)
+    if operator == 'frac_laplacian' and not 0 < s < 1:
+        raise ValueError(f"s must satisfy 0 < s < 1 for operator 'frac_laplacian', got {s}")
+    if operator == 'inv_frac_laplacian' and not 0 < s < n / 2:
+        raise ValueError(f"s must satisfy 0 < s < n/2 = {n / 2} for operator 'inv_frac_laplacian', got {s}")
+    if operator == 'log' and s != n / 2:
+        raise ValueError(f"s must equal n/2 = {n / 2} for operator 'log', got {s}")
+    return s
+
+
+def pide_constant(operator: str, s: Optional[float] = None, n: int = 2) -> float:
+    """The operator's normalising constant: c_{n,s}, c_{n,-s} or c_n (1 for diffusion).
+
+    c_{n,s} = 4^s Gamma(n/2 + s) / (pi^(n/2) |Gamma(-s)|),
+    c_{n,-s} = Gamma(n/2 - s) / (4^s pi^(n/2) Gamma(s)),
+    c_n = 1 / ((4 pi)^(n/2) Gamma(n/2)).
+    """
+    operator = resolve_operator(operator)
+    s = check_s(operator, s, n)
+    if operator == 'diffusion':
+        return 1.0
+    if operator == 'frac_laplacian':
+        return 4 ** s * math.gamma(n / 2 + s) / (math.pi ** (n / 2) * abs(math.gamma(-s)))
+    if operator == 'inv_frac_laplacian':
+        return math.gamma(n / 2 - s) / (4 ** s * math.pi ** (n / 2) * math.gamma(s))
+    return 1.0 / ((4 * math.pi) ** (n / 2) * math.gamma(n / 2))
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    # Half-precision kernels overflow (|d|^-3) or lose the cancellation in |a|^2 - 2ab + |b|^2.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _squared_distance(theta: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared distances (B, N, M) between theta (B, E, N) and phi (B, E, M), and the coincidence mask."""
+    tt = theta.pow(2).sum(1)  # (B, N)
+    pp = phi.pow(2).sum(1)  # (B, M)
+    scale = tt.unsqueeze(2) + pp.unsqueeze(1)
+    d2 = scale - 2 * torch.bmm(theta.transpose(1, 2), phi)
+    eps = _COINCIDENT_EPS * torch.finfo(d2.dtype).eps
+    # Coincident pairs contribute nothing (the paper's safe divide); the tiny floor keeps all-zero
+    # embeddings coincident.
+    apart = d2 > eps * scale + torch.finfo(d2.dtype).tiny
+    # Masked entries get 1 so that neither the value nor its gradient is evaluated at 0.
+    return torch.where(apart, d2, torch.ones_like(d2)), apart
+
+
+def pide_kernel(
+        theta: Tensor,
+        phi: Tensor,
+        *,
+        operator: str,
+        s: Optional[float] = None,
+        n: int = 2,
+        lam: float = 1.0,
+        kernel: str = 'dot',
+) -> Tensor:
+    """The dense kernel (B, N, M): lam times the operator's constant times omega(theta_i, phi_j).
+
+    For ``'diffusion'`` omega is the dot product (``kernel='dot'``) or its exponential
+    (``'gaussian'``); for the other operators it is |theta_i - phi_j|^-(n+2s), |.|^-(n-2s) or
+    -2 log|.| - gamma, and exactly zero where theta_i and phi_j coincide.
+    Computed in float32 (float64 if an input is float64), whatever the autocast state.
+    """
+    operator = resolve_operator(operator)
+    s = check_s(operator, s, n)
+    dtype = _compute_dtype(theta, phi)
+    with torch.autocast(theta.device.type, enabled=False):
+        theta, phi = theta.to(dtype), phi.to(dtype)
+        if operator == 'diffusion':
+            if kernel not in KERNELS:
+                raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+            dot = torch.bmm(theta.transpose(1, 2), phi)
+            return lam * dot if kernel == 'dot' else torch.exp(lam * dot)
+        if kernel != 'dot':
+            raise ValueError(f"kernel applies to operator 'diffusion' only; got kernel={kernel!r} for {operator!r}")
+        d2, apart = _squared_distance(theta, phi)
+        c = lam * pide_constant(operator, s, n)
+        if operator == 'log':
+            values = c * (-torch.log(d2) - EULER_GAMMA)  # -2 log|d| = -log |d|^2
+        else:
+            power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
+            values = c * d2.pow(-power / 2)
+        return torch.where(apart, values, torch.zeros_like(values))
+
+
+def _normalize(agg: Tensor, rowsum: Tensor, normalizer: Union[str, float], m: int, n_query: int) -> Tensor:
+    if normalizer == 'key':
+        return agg / m
+    if normalizer == 'query':
+        return agg / n_query
+    if normalizer == 'rowsum':
+        # sum_j w_ij can be zero or negative (dot and log kernels): keep its sign, bound it away from 0.
+        sign = torch.where(rowsum < 0, -torch.ones_like(rowsum), torch.ones_like(rowsum))
+        return agg / (sign * rowsum.abs().clamp_min(_ROWSUM_EPS)).unsqueeze(1)
+    return agg / normalizer
+
+
+def apply_kernel(
+        kern: Tensor,
+        v_query: Tensor,
+        v_key: Tensor,
+        *,
+        operator: str,
+        normalizer: Union[str, float, None] = None,
+) -> Tensor:
+    """Aggregate (B, C, N) of values with a dense kernel ``kern`` (B, N, M) from :func:`pide_kernel`."""
+    operator = resolve_operator(operator)
+    normalizer = check_normalizer(normalizer)
+    dtype = kern.dtype
+    with torch.autocast(kern.device.type, enabled=False):
+        vq, vk = v_query.to(dtype), v_key.to(dtype)
+        agg = torch.bmm(vk, kern.transpose(1, 2))  # (B, C, N): sum_j w_ij V_j
+        rowsum = kern.sum(2)  # (B, N)
+        if operator == 'diffusion':
+            agg = agg - vq * rowsum.unsqueeze(1)
+        elif operator == 'frac_laplacian':
+            agg = vq * rowsum.unsqueeze(1) - agg
+        return _normalize(agg, rowsum, normalizer, kern.shape[2], kern.shape[1])
+
+
+def check_normalizer(normalizer: Union[str, float, None]) -> Union[str, float]:
+    """Validate ``normalizer``; None means ``'key'``."""
+    if normalizer is None:
+        return 'key'
+    if isinstance(normalizer, str):
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f'normalizer must be one of {NORMALIZERS}, a positive number or None, got {normalizer!r}')
+        return normalizer
+    if isinstance(normalizer, Real) and not isinstance(normalizer, bool) and normalizer > 0:
+        return float(normalizer)
+    raise ValueError(f'normalizer must be one of {NORMALIZERS}, a positive number or None, got {normalizer!r}')
+
+
+def check_tile_size(tile_size: Optional[int]) -> Optional[int]:
+    """Validate ``tile_size``: a positive int, or None for the automatic size."""
+    if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
+        raise ValueError(f'tile_size must be a positive int or None, got {tile_size!r}')
+    return tile_size
+
+
+def resolve_method(method: str, operator: str, kernel: str) -> str:
+    """The evaluation path ``'auto'`` stands for: low rank for the dot diffusion kernel, else tiled."""
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    low_rank_ok = resolve_operator(operator) == 'diffusion' and kernel == 'dot'
+    if method == 'auto':
+        return 'lowrank' if low_rank_ok else 'tiled'
+    if method == 'lowrank' and not low_rank_ok:
+        raise ValueError(
+            f"method='lowrank' needs operator='diffusion' with kernel='dot'; got {operator!r}, {kernel!r}")
+    return method
+
+
+def _check_shapes(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor) -> None:
+    for name, t in (('theta', theta), ('phi', phi), ('v_query', v_query), ('v_key', v_key)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f'{name} must be a 3-D tensor (batch, channels, positions), got {got}')
+    b, e, n = theta.shape
+    if phi.shape[:2] != (b, e):
+        raise ValueError(f'phi must have batch and embedding sizes {(b, e)} like theta, got {tuple(phi.shape)}')
+    if v_query.shape[0] != b or v_query.shape[2] != n:
+        raise ValueError(f'v_query must be (B={b}, C, N={n}) to match theta, got {tuple(v_query.shape)}')
+    if v_key.shape != (b, v_query.shape[1], phi.shape[2]):
+        raise ValueError(
+            f'v_key must be (B={b}, C={v_query.shape[1]}, M={phi.shape[2]}) to match v_query and phi, '
+            f'got {tuple(v_key.shape)}')
+
+
+def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, lam: float,
+                       normalizer: Union[str, float]) -> Tensor:
+    """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j."""
+    dtype = _compute_dtype(theta, phi, v_query, v_key)
+    with torch.autocast(theta.device.type, enabled=False):
+        theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
+        pv = torch.bmm(phi, vk.transpose(1, 2))  # (B, E, C)
+        agg = lam * torch.bmm(pv.transpose(1, 2), theta)  # (B, C, N)
+        rowsum = lam * torch.bmm(phi.sum(2, keepdim=True).transpose(1, 2), theta).squeeze(1)  # (B, N)
+        agg = agg - vq * rowsum.unsqueeze(1)
+        return _normalize(agg, rowsum, normalizer, phi.shape[2], theta.shape[2])
+
+
+def _tile_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, operator: str,
+                    s: Optional[float], n: int, lam: float, kernel: str, normalizer: Union[str, float],
+                    m_total: int, n_total: int) -> Tensor:
+    kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
+    agg = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=1.0)
+    if normalizer == 'rowsum':
+        return _normalize(agg, kern.sum(2), normalizer, m_total, n_total)
+    return _normalize(agg, None, normalizer, m_total, n_total)
+
+
+def nonlocal_aggregate(
+        theta: Tensor,
+        phi: Tensor,
+        v_query: Tensor,
+        v_key: Tensor,
+        *,
+        operator: str,
+        s: Optional[float] = None,
+        n: int = 2,
+        lam: float = 1.0,
+        kernel: str = 'dot',
+        normalizer: Union[str, float, None] = None,
+        method: str = 'auto',
+        tile_size: Optional[int] = None,
+) -> Tensor:
+    """The bracket of one nonlocal stage, before the 1x1 conv K_k (eqs. 4.1, 4.4-4.6).
+
+    Args:
+        theta: query embeddings theta(X), (B, E, N).
+        phi: key embeddings phi(X) at the (pooled) key positions, (B, E, M).
+        v_query: values at the query positions, (B, C, N).
+        v_key: values at the key positions, (B, C, M).
+        operator: ``'diffusion'``, ``'frac_laplacian'``, ``'inv_frac_laplacian'``, ``'log'``
+            or an alias from ``OPERATOR_ALIASES``.
+        s: order of the fractional operators (defaults 1/2, 1/2, n/2).
+        n: dimension of the domain in the constants c_{n,s} (2 for images).
+        lam: kernel scaling lambda.
+        kernel: ``'dot'`` (lam theta.phi) or ``'gaussian'`` (exp(lam theta.phi)), diffusion only.
+        normalizer: the paper's N: ``'key'`` (M, default, as the authors' code), ``'query'`` (N),
+            ``'rowsum'`` (sum_j w_ij, the un-simplified form) or a positive number.
+        method: ``'auto'``, ``'lowrank'``, ``'tiled'`` or ``'dense'`` (see the module docstring).
+        tile_size: query positions per tile for ``'tiled'``; default keeps a tile near 2^24 elements.
+
+    Returns:
+        (B, C, N) aggregate, in the dtype of ``v_query`` (computed in float32 or float64).
+    """
+    _check_shapes(theta, phi, v_query, v_key)
+    operator = resolve_operator(operator)
+    s = check_s(operator, s, n)
+    normalizer = check_normalizer(normalizer)
+    if operator == 'diffusion' and kernel not in KERNELS:
+        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+    method = resolve_method(method, operator, kernel)
+    out_dtype = v_query.dtype
+    b, _, n_query = theta.shape
+    m = phi.shape[2]
+
+    if method == 'lowrank':
+        out = _lowrank_diffusion(theta, phi, v_query, v_key, lam, normalizer)
+    elif method == 'dense':
+        kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
+        out = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=normalizer)
+    else:
+        tile_size = check_tile_size(tile_size) or max(1, _TILE_ELEMENTS // max(1, b * m))
+        args = (operator, s, n, lam, kernel, normalizer, m, n_query)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, v_query, v_key))
+        tiles = []
+        for start in range(0, n_query, tile_size):
+            sl = slice(start, start + tile_size)
+            inputs = (theta[:, :, sl], phi, v_query[:, :, sl], v_key)
+            if grad and n_query > tile_size:
+                # Recompute the kernel tile in the backward pass instead of storing B x N x M values.
+                tiles.append(checkpoint(_tile_aggregate, *inputs, *args, use_reentrant=False))
+            else:
+                tiles.append(_tile_aggregate(*inputs, *args))
+        out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, 2)
+    return out.to(out_dtype)

@@ -1,0 +1,123 @@
+from functools import partial
+
+import pytest
+import timm
+import torch
+
+from pide_zoo.layers import PIDEBlock
+
+import reference
+
+CASES = [('diffusion', 'dot'), ('diffusion', 'gaussian'), ('frac_laplacian', 'dot'),
+         ('inv_frac_laplacian', 'dot'), ('log', 'dot')]
+
+
+def _randomize_norms(block, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for bn in block.norms:
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize('operator,kernel', CASES)
+@pytest.mark.parametrize('subsample', [1, 2])
+@pytest.mark.parametrize('stages', [2, 4])
+def test_block_matches_equations(operator, kernel, subsample, stages):
+    torch.manual_seed(0)
+    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=subsample, stages=stages, h=0.5,
+                      lam=0.3, dtype=torch.float64).eval()
+    _randomize_norms(block)
+    x = torch.randn(2, 6, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        got = block(x)
+    want = reference.pide_block(block, x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'log'])
+def test_symmetric_and_methods_agree(operator):
+    torch.manual_seed(1)
+    block = PIDEBlock(4, operator=operator, symmetric=True, dtype=torch.float64).eval()
+    assert block.phi is None
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = reference.pide_block(block, x)
+        for method in ('dense', 'tiled'):
+            block.method = method
+            torch.testing.assert_close(block(x), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_coincident_embeddings_finite_everywhere(operator, autocast):
+    """All-equal inputs make every theta_i equal every phi_j (symmetric): distances are exactly 0."""
+    torch.manual_seed(2)
+    for symmetric in (True, False):
+        block = PIDEBlock(8, operator=operator, symmetric=symmetric).train()
+        if not symmetric:  # theta_i == phi_j exactly through equal weights
+            block.phi.load_state_dict(block.theta.state_dict())
+        x = torch.ones(2, 8, 6, 6, requires_grad=True)
+        x2 = (torch.ones(2, 8, 6, 6) + 1e-6 * torch.randn(2, 8, 6, 6)).requires_grad_()
+        for inp in (x, x2):
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+                out = block(inp)
+            assert torch.isfinite(out).all()
+            block.zero_grad()
+            out.float().square().mean().backward()
+            for name, p in block.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert torch.isfinite(inp.grad).all()
+
+
+def test_timm_attn_layer():
+    model = timm.create_model('resnet18', num_classes=5,
+                              block_args=dict(attn_layer=partial(PIDEBlock, operator='frac_laplacian')))
+    blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
+    assert len(blocks) == 8 and {b.channels for b in blocks} == {64, 128, 256, 512}
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5)
+    out.sum().backward()
+
+
+def test_plugin_signature_and_device_dtype():
+    block = PIDEBlock(in_channels=16, operator='log', subsample=1, dtype=torch.float64, device='cpu')
+    assert block.channels == 16 and block.theta.weight.dtype == torch.float64
+    assert block.embed_channels == 8 and len(block.convs) == 2
+
+
+def test_parameter_count_matches_paper_layout():
+    # theta, phi: C -> C/2 (+bias); K_k: C -> C (+bias); BN: 2C per stage.
+    c = 112
+    block = PIDEBlock(c)
+    want = 2 * (c * c // 2 + c // 2) + 2 * (c * c + c + 2 * c)
+    assert sum(p.numel() for p in block.parameters()) == want
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(channels=8, operator='wave'), 'operator must be one of'),
+    (dict(channels=8, operator='frac_laplacian', s=1.5), '0 < s < 1'),
+    (dict(channels=0), 'channels must be a positive int'),
+    (dict(), 'channels must be a positive int'),
+    (dict(channels=8, in_channels=4), 'disagree'),
+    (dict(channels=8, stages=0), 'stages must be a positive int'),
+    (dict(channels=8, h=-1), 'h must be a positive number'),
+    (dict(channels=8, subsample=0), 'subsample must be a positive int'),
+    (dict(channels=8, kernel='gaussian', operator='log'), "kernel='gaussian' applies to operator 'diffusion'"),
+    (dict(channels=8, normalizer='max'), 'normalizer must be one of'),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PIDEBlock(**kwargs)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((8, 6, 6), 'x must be a 4-D tensor'),
+    ((1, 4, 6, 6), 'x must have channels=8'),
+    ((1, 8, 1, 6), 'must be at least subsample=2'),
+])
+def test_bad_input(shape, match):
+    with pytest.raises(ValueError, match=match):
+        PIDEBlock(8)(torch.randn(*shape))

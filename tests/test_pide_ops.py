@@ -1,0 +1,185 @@
+import math
+
+import pytest
+import torch
+
+from pide_zoo.layers import pide_ops
+from pide_zoo.layers.pide_ops import nonlocal_aggregate, pide_constant, pide_kernel
+
+import reference
+
+OPS = ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']
+# (operator, kernel, s) combinations the paper uses plus a non-default order for each fractional one.
+CASES = [('diffusion', 'dot', None), ('diffusion', 'gaussian', None), ('frac_laplacian', 'dot', None),
+         ('frac_laplacian', 'dot', 0.3), ('inv_frac_laplacian', 'dot', None), ('inv_frac_laplacian', 'dot', 0.8),
+         ('log', 'dot', None)]
+
+
+def _inputs(b=2, e=4, c=3, n=10, m=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, k, p, generator=g, dtype=dtype) for k, p in ((e, n), (e, m), (c, n), (c, m))]
+
+
+def test_constants_n2_closed_forms():
+    assert pide_constant('frac_laplacian', 0.5) == pytest.approx(1 / (2 * math.pi))
+    assert pide_constant('inv_frac_laplacian', 0.5) == pytest.approx(1 / (2 * math.pi))
+    assert pide_constant('log') == pytest.approx(1 / (4 * math.pi))
+    assert pide_constant('diffusion') == 1.0
+    for op, s, n in [('frac_laplacian', 0.3, 2), ('inv_frac_laplacian', 1.2, 3), ('log', 1.5, 3)]:
+        assert pide_constant(op, s, n) == pytest.approx(reference.constant(op, s, n))
+
+
+@pytest.mark.parametrize('operator,kernel,s', CASES)
+@pytest.mark.parametrize('method', ['dense', 'tiled', 'auto'])
+@pytest.mark.parametrize('normalizer', [None, 'query', 'rowsum', 2.5])
+def test_aggregate_matches_double_loop(operator, kernel, s, method, normalizer):
+    theta, phi, vq, vk = _inputs()
+    lam = 0.7
+    got = nonlocal_aggregate(theta, phi, vq, vk, operator=operator, s=s, lam=lam, kernel=kernel,
+                             normalizer=normalizer, method=method, tile_size=3)
+    want = reference.aggregate(theta, phi, vq, vk, operator, s, 2, lam, kernel, normalizer or 'key')
+    assert got.shape == (2, 3, 10)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('normalizer', [None, 'query', 'rowsum'])
+def test_lowrank_diffusion_matches_double_loop(normalizer):
+    theta, phi, vq, vk = _inputs(n=12, m=12, seed=3)
+    got = nonlocal_aggregate(theta, phi, vq, vk, operator='diffusion', lam=0.1, normalizer=normalizer,
+                             method='lowrank')
+    want = reference.aggregate(theta, phi, vq, vk, 'diffusion', lam=0.1, normalizer=normalizer or 'key')
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_lowrank_never_forms_the_n_by_m_kernel(monkeypatch):
+    theta, phi, vq, vk = _inputs(b=1, e=2, c=3, n=40, m=30)
+    shapes = []
+    real_bmm = torch.bmm
+
+    def spy(a, b):
+        out = real_bmm(a, b)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, 'bmm', spy)
+    nonlocal_aggregate(theta, phi, vq, vk, operator='diffusion', method='lowrank')
+    assert shapes and all(40 * 30 > s[1] * s[2] for s in shapes)
+    shapes.clear()
+    nonlocal_aggregate(theta, phi, vq, vk, operator='diffusion', method='dense')
+    assert (1, 40, 30) in shapes
+
+
+def test_tiled_path_bounds_kernel_tiles(monkeypatch):
+    theta, phi, vq, vk = _inputs(b=1, n=50, m=20)
+    sizes = []
+    real = pide_ops.pide_kernel
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        sizes.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(pide_ops, 'pide_kernel', spy)
+    nonlocal_aggregate(theta, phi, vq, vk, operator='log', method='tiled', tile_size=16)
+    assert sizes == [16, 16, 16, 2]
+
+
+@pytest.mark.parametrize('operator,kernel,s', CASES)
+@pytest.mark.parametrize('method', ['dense', 'tiled', 'auto'])
+def test_gradcheck(operator, kernel, s, method):
+    theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=1, e=3, c=2, n=5, m=4, seed=1)]
+    fn = lambda *t: nonlocal_aggregate(*t, operator=operator, s=s, lam=0.5, kernel=kernel, method=method,  # noqa: E731
+                                       tile_size=2)
+    assert torch.autograd.gradcheck(fn, (theta, phi, vq, vk))
+
+
+@pytest.mark.parametrize('operator', OPS)
+@pytest.mark.parametrize('method', ['dense', 'tiled'])
+def test_coincident_embeddings_contribute_nothing(operator, method):
+    theta, phi, vq, vk = _inputs(n=6, m=6, seed=2)
+    phi = phi.clone()
+    phi[:, :, 0] = theta[:, :, 0]  # theta_0 == phi_0 exactly
+    got = nonlocal_aggregate(theta, phi, vq, vk, operator=operator, method=method)
+    want = reference.aggregate(theta, phi, vq, vk, operator)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert pide_kernel(theta, phi, operator=operator)[:, 0, 0].eq(0).all() or operator == 'diffusion'
+
+
+@pytest.mark.parametrize('operator', OPS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('gap', [0.0, 1e-6, 1e-3])
+def test_nearly_coincident_gradients_are_finite(operator, dtype, gap):
+    theta, phi, vq, vk = _inputs(b=2, n=8, m=8, seed=4, dtype=dtype)
+    phi = (theta + gap * torch.randn_like(theta)).detach()  # every pair i == j (nearly) coincident
+    ts = [t.clone().requires_grad_() for t in (theta, phi, vq, vk)]
+    for method in ('dense', 'tiled'):
+        out = nonlocal_aggregate(*ts, operator=operator, method=method, tile_size=3)
+        assert torch.isfinite(out).all()
+        grads = torch.autograd.grad(out.square().sum(), ts, allow_unused=True)  # v_query unused by (4.5), (4.6)
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize('operator', OPS)
+def test_autocast_bfloat16_computes_kernel_in_float32(operator):
+    theta, phi, vq, vk = _inputs(n=9, m=5, seed=5, dtype=torch.float32)
+    phi[:, :, 1] = theta[:, :, 1]
+    want = nonlocal_aggregate(theta, phi, vq, vk, operator=operator)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = nonlocal_aggregate(theta.bfloat16(), phi, vq, vk, operator=operator)
+        kern = pide_kernel(theta, phi, operator=operator)
+    assert kern.dtype == torch.float32
+    assert got.dtype == torch.float32  # follows v_query
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # theta was rounded to bfloat16
+
+
+def test_rowsum_normalizer_guards_zero_and_sign():
+    theta = torch.tensor([[[1.0, 1.0]]], dtype=torch.float64)  # (1, 1, 2)
+    phi = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)  # dot row sums are exactly 0
+    v = torch.ones(1, 1, 2, dtype=torch.float64)
+    out = nonlocal_aggregate(theta, phi, v, v, operator='inv_frac_laplacian', normalizer='rowsum')
+    assert torch.isfinite(out).all()
+    out = nonlocal_aggregate(theta, phi, v, torch.tensor([[[2.0, 1.0]]], dtype=torch.float64),
+                             operator='diffusion', normalizer='rowsum')
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(operator='heat'), 'operator must be one of'),
+    (dict(operator='frac_laplacian', s=1.0), r'0 < s < 1'),
+    (dict(operator='frac_laplacian', s=0.0), r'0 < s < 1'),
+    (dict(operator='inv_frac_laplacian', s=1.0), r'0 < s < n/2'),
+    (dict(operator='log', s=0.5), 's must equal n/2'),
+    (dict(operator='diffusion', s=0.5), 's is not used'),
+    (dict(operator='diffusion', kernel='cosine'), 'kernel must be one of'),
+    (dict(operator='log', kernel='gaussian'), "kernel applies to operator 'diffusion' only"),
+    (dict(operator='diffusion', normalizer='rows'), 'normalizer must be one of'),
+    (dict(operator='diffusion', normalizer=0), 'normalizer must be one of'),
+    (dict(operator='diffusion', method='fast'), 'method must be one of'),
+    (dict(operator='log', method='lowrank'), "method='lowrank' needs"),
+    (dict(operator='log', tile_size=0), 'tile_size must be a positive int'),
+    (dict(operator='log', n=0), 'n .* must be a positive int'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nonlocal_aggregate(*_inputs(), **kwargs)
+
+
+@pytest.mark.parametrize('index,shape,match', [
+    (0, (2, 4), 'theta must be a 3-D tensor'),
+    (1, (2, 5, 7), 'phi must have batch and embedding sizes'),
+    (2, (2, 3, 9), r'v_query must be \(B=2, C, N=10\)'),
+    (3, (2, 2, 7), r'v_key must be \(B=2, C=3, M=7\)'),
+])
+def test_bad_shapes(index, shape, match):
+    args = _inputs()
+    args[index] = torch.randn(*shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        nonlocal_aggregate(*args, operator='diffusion')
+
+
+def test_aliases():
+    assert pide_ops.resolve_operator('L') == 'diffusion'
+    assert pide_ops.resolve_operator('(-Delta)^{1/2}') == 'frac_laplacian'
+    assert pide_ops.resolve_operator('(-Delta)^{-1/2}') == 'inv_frac_laplacian'
+    assert pide_ops.resolve_operator('(-Delta)^{-1}') == 'log'
+    assert pide_ops.default_s('log', 2) == 1.0 and pide_ops.default_s('frac', 2) == 0.5
