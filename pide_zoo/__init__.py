@@ -15,10 +15,11 @@ from .layers import (  # noqa: E402
     pide_kernel,
     smoothness_penalty,
 )
+from .models import CifarResNet, HamiltonianNet, insert_pide_blocks  # noqa: E402  (registers the timm models)
 
 _compat.allow_mmengine_checkpoints()
 
 __all__ = [
-    '__version__', 'HamiltonianBlock', 'HamiltonianUnit', 'PIDEBlock', 'nonlocal_aggregate', 'pide_kernel',
-    'smoothness_penalty',
+    '__version__', 'CifarResNet', 'HamiltonianBlock', 'HamiltonianNet', 'HamiltonianUnit', 'PIDEBlock',
+    'insert_pide_blocks', 'nonlocal_aggregate', 'pide_kernel', 'smoothness_penalty',
 ]

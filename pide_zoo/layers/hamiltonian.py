@@ -20,6 +20,14 @@ from torch import Tensor, nn
 __all__ = ['HamiltonianBlock', 'HamiltonianUnit', 'reversible_chain', 'hamiltonian_units', 'smoothness_penalty']
 
 
+def _check_block_input(x: Tensor, channels: int) -> None:
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f'x must be (B, {channels}, H, W), got {tuple(x.shape)}')
+
+
+torch.fx.wrap('_check_block_input')  # shape checks are leaves of traced graphs
+
+
 class HamiltonianBlock(nn.Module):
     """One Verlet step of the Hamiltonian network (eq. 2.6).
 
@@ -84,8 +92,7 @@ class HamiltonianBlock(nn.Module):
         return t
 
     def forward(self, x: Tensor, update_stats: bool = True) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f'x must be (B, {self.channels}, H, W), got {tuple(x.shape)}')
+        _check_block_input(x, self.channels)
         y, z = x.chunk(2, dim=1)
         y = y + self.h * self.force(z, self.conv1, self.bn1, update_stats)
         z = z - self.h * self.force(y, self.conv2, self.bn2, update_stats)

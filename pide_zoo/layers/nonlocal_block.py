@@ -8,6 +8,7 @@ from __future__ import annotations
 from numbers import Real
 from typing import Callable, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from .pide_ops import (
@@ -23,6 +24,22 @@ from .pide_ops import (
 )
 
 __all__ = ['PIDEBlock']
+
+# Leaves for torch.fx: shape-dependent Python (validation, tiling) stays out of traced graphs.
+torch.fx.wrap('nonlocal_aggregate')
+torch.fx.wrap('pide_kernel')
+torch.fx.wrap('apply_kernel')
+torch.fx.wrap('_check_input')
+
+
+def _check_input(x: Tensor, channels: int, subsample: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f'x must be a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}')
+    if x.shape[1] != channels:
+        raise ValueError(f'x must have channels={channels} channels, got {x.shape[1]}')
+    if x.shape[2] < subsample or x.shape[3] < subsample:
+        raise ValueError(
+            f'x spatial size {tuple(x.shape[2:])} must be at least subsample={subsample} in each dimension')
 
 
 def _positive_int(name: str, value) -> int:
@@ -132,15 +149,6 @@ class PIDEBlock(nn.Module):
         return (f'channels={self.channels}, operator={self.operator!r}{s}, stages={self.stages}, h={self.h}, '
                 f'lam={self.lam}, subsample={self.subsample}, kernel={self.kernel!r}, method={self.method!r}')
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f'x must be a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.channels:
-            raise ValueError(f'x must have channels={self.channels} channels, got {x.shape[1]}')
-        if x.shape[2] < self.subsample or x.shape[3] < self.subsample:
-            raise ValueError(
-                f'x spatial size {tuple(x.shape[2:])} must be at least subsample={self.subsample} in each dimension')
-
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Query and (pooled) key embeddings, (B, E, N) and (B, E, M)."""
         theta = self.theta(x)
@@ -148,7 +156,7 @@ class PIDEBlock(nn.Module):
         return theta.flatten(2), self.pool(phi).flatten(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        _check_input(x, self.channels, self.subsample)
         theta, phi = self.embed(x)
         kw = dict(operator=self.operator, normalizer=self.normalizer)
         # The dense path is the paper's: the kernel is formed once and reused by every stage.

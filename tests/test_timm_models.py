@@ -1,0 +1,225 @@
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torch.fx
+from torch import nn
+
+import pide_zoo
+from pide_zoo.layers import PIDEBlock, smoothness_penalty
+from pide_zoo.models import HamiltonianNet, insert_pide_blocks
+
+OURS = ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac',
+        'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage', 'resnet44_cifar', 'preresnet20_cifar']
+NONLOCAL = ['nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac', 'nl_hamiltonian74_log']
+
+# Tables 1 and 2 of the paper: parameters in millions for CIFAR-10, CIFAR-100, STL-10.
+PAPER_PARAMS = {
+    'resnet44_cifar': (0.66, 0.66, 0.66),
+    'preresnet20_cifar': (0.57, 0.59, 0.57),
+    'hamiltonian74': (0.50, 0.67, 0.50),
+    **{name: (0.56, 0.72, 0.55) for name in NONLOCAL},
+    'nl_hamiltonian74_4stage': (0.59, 0.76, 0.59),
+}
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def test_models_registered():
+    assert set(OURS) <= set(timm.list_models())
+    assert set(timm.list_models(module='hamiltonian_net')) == set(OURS[:6])
+    assert 'nl_hamiltonian74.cifar100' in timm.list_models(pretrained=False, include_tags=True)
+
+
+@pytest.mark.parametrize('name', PAPER_PARAMS)
+def test_parameter_counts_match_paper(name):
+    for tag, want in zip(('cifar10', 'cifar100', 'stl10'), PAPER_PARAMS[name]):
+        got = _count(timm.create_model(f'{name}.{tag}'))
+        assert abs(got - want) <= 0.01, (name, tag, got, want)
+
+
+def test_segmentation_layout_counts_match_table3():
+    """No pooling, 1x1 conv head to 20 classes: 0.49 M (Hamiltonian-74), 0.54 M (nonlocal), Table 3."""
+    for operator, want in ((None, 0.49), ('diffusion', 0.54), ('log', 0.54)):
+        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator=operator,
+                              nonlocal_subsample=3, img_size=(90, 160))
+        got = _count(body) + _count(nn.Conv2d(112, 20, 1))
+        assert abs(got - want) <= 0.01, (operator, got)
+
+
+def test_stl10_geometry_from_input_size():
+    model = timm.create_model('nl_hamiltonian74.stl10')
+    assert model.img_size == (96, 96) and model.head_pool == 8
+    assert all(s.unit.nonlocals['2'].subsample == 4 for s in model.stages)
+    assert model.fc.in_features == 3 * 3 * 112
+    assert timm.create_model('nl_hamiltonian74', img_size=96).head_pool == 8
+
+
+@pytest.mark.parametrize('name', OURS)
+def test_forward_backward_default_size(name):
+    model = timm.create_model(name, num_classes=7)
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', ['nl_hamiltonian74', 'nl_hamiltonian74_log', 'resnet44_cifar'])
+@pytest.mark.parametrize('size', [(48, 40), (64, 64)])
+def test_other_input_sizes(name, size):
+    kw = dict(global_pool='avg') if 'hamiltonian' in name else {}
+    model = timm.create_model(name, **kw)
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    if 'hamiltonian' in name:  # the fixed 'flatten' head takes other sizes when built for them
+        assert timm.create_model(name, img_size=size)(torch.randn(1, 3, *size)).shape == (1, 10)
+
+
+@pytest.mark.parametrize('name', OURS)
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True)
+    x = torch.randn(2, *timm.get_pretrained_cfg(name).input_size)
+    feats = model(x)
+    assert len(feats) == 3
+    for f, c, r in zip(feats, model.feature_info.channels(), model.feature_info.reduction()):
+        assert f.shape[1] == c and f.shape[2] == x.shape[2] // r
+    model = timm.create_model(name, features_only=True, out_indices=(2,))
+    assert len(model(x)) == 1
+
+
+@pytest.mark.parametrize('name', OURS)
+def test_head_api(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    feats = model.forward_features(x)
+    assert feats.shape[1] == model.num_features
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
+    assert model.get_classifier() is model.fc
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.head_hidden_size)
+    model.reset_classifier(0, '')
+    assert model(x).dim() == 4
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 3 and final.shape == feats.shape
+
+
+@pytest.mark.parametrize('name', OURS)
+def test_default_cfg_consistency(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0] == 3
+    first = model.get_submodule(cfg['first_conv'])
+    assert first.in_channels == 3
+    assert model.get_submodule(cfg['classifier']).out_features == cfg['num_classes']
+    assert timm.create_model(f'{name}.cifar100').num_classes == 100
+    if cfg.get('pool_size'):
+        feats = model.forward_features(torch.randn(1, *cfg['input_size']))
+        assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
+
+
+@pytest.mark.parametrize('name', OURS)
+def test_fx_trace(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['nl_hamiltonian74_frac', 'preresnet20_cifar'])
+def test_torch_compile(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['nl_hamiltonian74_invfrac', 'preresnet20_cifar'])
+def test_checkpoint_round_trip(name, tmp_path):
+    model = timm.create_model(name, num_classes=100).eval()
+    path = tmp_path / 'model.pth'
+    torch.save(model.state_dict(), path)
+    loaded = timm.create_model(name, num_classes=100, checkpoint_path=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_reversible_model_matches_stored():
+    torch.manual_seed(0)
+    a = timm.create_model('nl_hamiltonian74', depths=(3, 3, 3)).double()
+    b = timm.create_model('nl_hamiltonian74', depths=(3, 3, 3), reversible=True).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for m in (a, b):
+        m(x).square().sum().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-9, msg=n)
+
+
+def test_keyword_arguments_change_the_layout():
+    model = timm.create_model('nl_hamiltonian74', depths=(2, 3, 4), widths=(16, 32, 48), nonlocal_units=(2,),
+                              nonlocal_after=1, nonlocal_stages=4, nonlocal_subsample=1,
+                              nonlocal_kwargs=dict(lam=0.5, h=0.1))
+    assert [len(s.unit.blocks) for s in model.stages] == [2, 3, 4]
+    blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
+    assert len(blocks) == 1 and blocks[0].channels == 48 and blocks[0].stages == 4
+    assert blocks[0].subsample == 1 and blocks[0].lam == 0.5 and blocks[0].h == 0.1
+    assert list(model.stages[2].unit.nonlocals) == ['1']
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_smoothness_penalty_on_model():
+    model = timm.create_model('nl_hamiltonian74')
+    assert smoothness_penalty(model, 1.0).item() > 0
+    blocks = [list(s.unit.blocks) for s in model.stages]
+    want = sum(((a.conv1.weight - b.conv1.weight) ** 2).sum() / a.h + ((a.conv2.weight - b.conv2.weight) ** 2).sum()
+               / a.h for unit in blocks for a, b in zip(unit[:-1], unit[1:]))
+    torch.testing.assert_close(smoothness_penalty(model, 1.0), want)
+
+
+def test_attn_layer_and_insert_helper():
+    model = timm.create_model('resnet18', num_classes=3,
+                              block_args=dict(attn_layer=partial(PIDEBlock, operator='log', subsample=1)))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    model = timm.create_model('resnet18', num_classes=3)
+    before = set(model.state_dict())
+    insert_pide_blocks(model, indices=(-1, -2), operator='frac_laplacian', subsample=1)
+    assert before < set(model.state_dict())
+    assert {b.channels for b in model.pide_blocks.values()} == {256, 512}
+    calls = []
+    model.pide_blocks['4'].register_forward_hook(lambda *a: calls.append(1))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3) and calls == [1]
+    with pytest.raises(ValueError, match='indices must lie in'):
+        insert_pide_blocks(timm.create_model('resnet18'), indices=(7,))
+    with pytest.raises(ValueError, match='feature_info'):
+        insert_pide_blocks(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize('call,match', [
+    (lambda: timm.create_model('hamiltonian74', in_chans=1)(torch.randn(1, 3, 32, 32)), 'in_chans=1'),
+    (lambda: timm.create_model('hamiltonian74')(torch.randn(1, 3, 6, 6)), 'smaller than the network pooling'),
+    (lambda: timm.create_model('hamiltonian74')(torch.randn(1, 3, 64, 64)), "'flatten' head was built for"),
+    (lambda: timm.create_model('hamiltonian74', nonlocal_operator='wave'), 'operator must be one of'),
+    (lambda: timm.create_model('hamiltonian74', img_size=6), 'img_size=.* is too small'),
+    (lambda: timm.create_model('hamiltonian74', global_pool='max'), 'global_pool must be one of'),
+    (lambda: timm.create_model('resnet44_cifar', depth=45), 'depth must be 6n'),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+    code = 'import sys, pide_zoo; print(any(m.startswith("mmseg") for m in sys.modules))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'False'
+    assert pide_zoo.__version__
