@@ -1,14 +1,31 @@
 """Compatibility of mmengine checkpoints with ``torch.load(weights_only=True)`` (torch >= 2.6).
 
-mmengine writes its message hub (``HistoryBuffer`` of numpy arrays) and numpy scalars into every
-checkpoint; torch's safe unpickler rejects them. Instead of switching the safety off, the exact
-types mmengine writes are added to torch's allow-list.
+mmengine writes its message hub (``HistoryBuffer`` of numpy arrays), numpy scalars and, through
+``HistoryBuffer.__getstate__``, ``getattr`` calls into every checkpoint; torch's safe unpickler
+rejects them. Instead of switching the safety off, the exact types mmengine writes are added to
+torch's allow-list and the buffer pickles its state without the ``getattr`` calls.
 """
 from __future__ import annotations
 
 import importlib.util
 
 __all__ = ['mmengine_checkpoint_globals', 'allow_mmengine_checkpoints']
+
+_DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_getstate(self) -> dict:
+    """``HistoryBuffer`` state without its default statistics methods.
+
+    mmengine pickles them as ``getattr(HistoryBuffer, 'min')``, which would need ``getattr`` itself on the
+    allow-list; ``__setstate__`` registers the defaults again anyway. Custom methods are kept.
+    """
+    state = dict(self.__dict__)
+    state.pop('statistics_methods', None)
+    custom = {k: v for k, v in self._statistics_methods.items() if k not in _DEFAULT_STATISTICS}
+    if custom:
+        state['statistics_methods'] = custom
+    return state
 
 
 def mmengine_checkpoint_globals() -> list:
@@ -33,9 +50,14 @@ def mmengine_checkpoint_globals() -> list:
 
 
 def allow_mmengine_checkpoints() -> None:
-    """Allow-list :func:`mmengine_checkpoint_globals` for ``torch.load(weights_only=True)``."""
+    """Allow-list :func:`mmengine_checkpoint_globals` for ``torch.load(weights_only=True)`` and make the
+    message hub pickle without ``getattr`` (checkpoints written before this fix still need
+    ``weights_only=False``, from a trusted source only)."""
     import torch.serialization
 
     add = getattr(torch.serialization, 'add_safe_globals', None)
     if add is not None:  # torch < 2.4 loads everything anyway
         add(mmengine_checkpoint_globals())
+    if importlib.util.find_spec('mmengine') is not None:
+        from mmengine.logging.history_buffer import HistoryBuffer
+        HistoryBuffer.__getstate__ = _history_buffer_getstate

@@ -49,7 +49,8 @@ step "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
 
 step "installing build tools, timm, fvcore, mmengine $MMENGINE_VERSION, mmsegmentation $MMSEG_VERSION"
 "${PIP[@]}" install -q "setuptools>=64,<81" wheel ninja \
-  timm fvcore "mmengine==$MMENGINE_VERSION" "mmsegmentation==$MMSEG_VERSION"
+  timm fvcore "mmengine==$MMENGINE_VERSION" "mmsegmentation==$MMSEG_VERSION" \
+  ftfy regex  # mmseg.utils imports its CLIP tokenizer unconditionally
 
 # mmcv's compiled ops are tied to the torch ABI and the Python version: key the cache on both.
 PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"

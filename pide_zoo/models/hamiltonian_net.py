@@ -177,7 +177,7 @@ class HamiltonianNet(nn.Module):
         self.final_reduction = reduction
         self.global_pool_type = global_pool
         self._build_head(num_classes, global_pool, **dd)
-        self.init_weights()
+        self._init_weights()
 
     def _head_features(self, global_pool: str) -> int:
         if global_pool != 'flatten':
@@ -202,7 +202,7 @@ class HamiltonianNet(nn.Module):
         self.fc = nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes > 0 \
             else nn.Identity()
 
-    def init_weights(self) -> None:
+    def _init_weights(self) -> None:
         # He-normal for the stem and transitions (the blocks initialise themselves), as the authors' code.
         for m in (self.stem.conv, *(s.transition.conv for s in self.stages if hasattr(s, 'transition'))):
             nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')

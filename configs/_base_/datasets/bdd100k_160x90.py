@@ -1,0 +1,28 @@
+# BDD100K 10k semantic segmentation at the paper's 160x90 (tools/prepare_bdd100k.py writes it):
+# no resizing or cropping, random horizontal flip, batch 8.
+_base_ = ['mmseg::_base_/datasets/bdd100k.py']
+
+dataset_type = 'BDD100KPaperDataset'
+data_root = 'data/bdd100k_160x90/'
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=8,
+    num_workers=2,
+    dataset=dict(type=dataset_type, data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8,
+    num_workers=2,
+    dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator

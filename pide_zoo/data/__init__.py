@@ -1,0 +1,1 @@
+"""Dataset preparation and loading shared by the tools."""

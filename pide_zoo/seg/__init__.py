@@ -1,0 +1,17 @@
+"""mmsegmentation 1.x face of pide_zoo, loaded by configs through ``custom_imports``.
+
+Registers in mmseg's registries: the backbone ``PIDEHamiltonianNet``, the neck ``PIDENeck``, the plugin
+``PIDEBlock`` (for ResNet ``plugins=[...]``), the segmentor ``PIDEEncoderDecoder`` (adds the
+weight-smoothness loss), the data preprocessor ``PixelMeanSegDataPreProcessor``, the datasets
+``BDD100KPaperDataset`` and ``LongRangeDemoDataset`` and the transform ``VoidAsClass``. The paper's
+baselines run through mmseg's ``TIMMBackbone`` with the timm models ``resnet44_cifar`` and
+``preresnet20_cifar``.
+"""
+from .backbones import PIDEHamiltonianNet
+from .data_preprocessor import PixelMeanSegDataPreProcessor
+from .datasets import BDD100KPaperDataset, LongRangeDemoDataset, VoidAsClass
+from .necks import PIDENeck
+from .segmentors import PIDEEncoderDecoder
+
+__all__ = ['PIDEHamiltonianNet', 'PixelMeanSegDataPreProcessor', 'BDD100KPaperDataset', 'LongRangeDemoDataset',
+           'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder']

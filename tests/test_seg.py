@@ -1,0 +1,258 @@
+"""The mmsegmentation face: registry modules, configs, data preparation and the train/test tools."""
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+import pide_zoo.seg  # noqa: F401  (registers the modules)
+from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample
+from pide_zoo.layers import PIDEBlock
+from pide_zoo.seg.datasets import make_longrange_sample
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PY = sys.executable
+MMSEG_TOOLS = osp.join(osp.dirname(__import__('mmseg').__file__), '.mim', 'tools')
+
+
+def _build(config, **overrides):
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', config))
+    cfg.merge_from_dict(overrides)
+    return MODELS.build(cfg.model)
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+@pytest.mark.parametrize('config,want', [
+    ('bdd100k_hamiltonian74.py', 0.49), ('bdd100k_pide_diffusion.py', 0.54), ('bdd100k_pide_frac.py', 0.54),
+    ('bdd100k_pide_invfrac.py', 0.54), ('bdd100k_pide_log.py', 0.54), ('bdd100k_resnet44.py', 0.66),
+    ('bdd100k_preresnet20.py', 0.57)])
+def test_config_parameter_counts_match_table3(config, want):
+    model = _build(config)
+    assert abs(_count(model) - want) <= 0.01, _count(model)
+
+
+def test_config_builds_the_paper_layout():
+    model = _build('bdd100k_pide_frac.py')
+    blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
+    assert len(blocks) == 3 and all(b.subsample == 3 and b.operator == 'frac_laplacian' for b in blocks)
+    x = torch.randn(2, 3, 90, 160)
+    feats = model.extract_feat(x)
+    assert feats[0].shape == (2, 112, 90, 160)  # no pooling anywhere
+    assert model.decode_head.conv_seg.out_channels == 19
+    void = _build('bdd100k_pide_diffusion_void.py')
+    assert void.decode_head.conv_seg.out_channels == 20
+
+
+def test_smoothness_loss_is_logged_as_its_own_term():
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    model = _build('bdd100k_hamiltonian74.py', **{'model.smoothness_weight': 1.0})
+    model.data_preprocessor._mean_image = torch.zeros(3, 18, 32)
+    samples = []
+    for _ in range(2):
+        s = SegDataSample(metainfo=dict(img_shape=(18, 32), pad_shape=(18, 32)))
+        s.gt_sem_seg = PixelData(data=torch.randint(0, 19, (1, 18, 32)))
+        samples.append(s)
+    data = model.data_preprocessor(dict(inputs=[torch.randint(0, 255, (3, 18, 32), dtype=torch.uint8)] * 2,
+                                        data_samples=samples), True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    from pide_zoo.layers import smoothness_penalty
+    torch.testing.assert_close(losses['loss_smooth'], smoothness_penalty(model.backbone, 1.0))
+    assert losses['loss_smooth'] > 0 and 'decode.loss_ce' in losses
+
+
+def test_pide_block_as_resnet_plugin_and_neck():
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    backbone = MODELS.build(dict(
+        type='ResNetV1c', depth=50, base_channels=8, stem_channels=8, out_indices=(2, 3),
+        plugins=[dict(cfg=dict(type='PIDEBlock', operator='log', subsample=1), stages=(False, False, True, True),
+                      position='after_conv3')]))
+    names = [n for n, m in backbone.named_modules() if isinstance(m, PIDEBlock)]
+    assert len(names) == 6 + 3 and names[0].endswith('pide_block')
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [128, 256]
+    neck = MODELS.build(dict(type='PIDENeck', in_channels=[128, 256], indices=[1],
+                             block_cfg=dict(operator='inv_frac_laplacian', subsample=1)))
+    out = neck(feats)
+    assert out[0] is feats[0] and out[1].shape == feats[1].shape and not torch.equal(out[1], feats[1])
+    with pytest.raises(ValueError, match='indices must lie in'):
+        MODELS.build(dict(type='PIDENeck', in_channels=[8], indices=[1]))
+
+
+def test_backbone_out_indices_and_init_cfg():
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    backbone = MODELS.build(dict(type='PIDEHamiltonianNet', depths=(1, 1, 1), out_indices=(0, 1, 2),
+                                 nonlocal_operator='diffusion',
+                                 init_cfg=dict(type='Constant', val=0.5, layer='Conv2d')))
+    backbone.init_weights()
+    assert torch.all(backbone.body.stem.conv.weight == 0.5)
+    feats = backbone(torch.randn(1, 3, 12, 18))
+    assert [f.shape[1:] for f in feats] == [(32, 12, 18), (64, 12, 18), (112, 12, 18)]
+    with pytest.raises(ValueError, match='out_indices'):
+        MODELS.build(dict(type='PIDEHamiltonianNet', out_indices=(3,)))
+
+
+# --- data -------------------------------------------------------------------------------------------
+def _fake_bdd100k(root, sizes=(('train', 4), ('val', 2)), hw=(720, 1280), seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in sizes:
+        img_dir = osp.join(root, 'images', '10k', split)
+        ann_dir = osp.join(root, 'labels', 'sem_seg', 'masks', split)
+        os.makedirs(img_dir)
+        os.makedirs(ann_dir)
+        for i in range(n):
+            img = rng.integers(0, 255, (*hw, 3), dtype=np.uint8)
+            ann = rng.choice(np.array(list(range(19)) + [255], np.uint8), size=hw)
+            Image.fromarray(img).save(osp.join(img_dir, f'{split}{i:03d}.jpg'), quality=95)
+            Image.fromarray(ann).save(osp.join(ann_dir, f'{split}{i:03d}.png'))
+
+
+def test_subsample_keeps_odd_rows_three_times():
+    a = np.arange(720 * 1280).reshape(720, 1280)
+    want = a[1::2, 1::2][1::2, 1::2][1::2, 1::2]
+    assert subsample(a).shape == (90, 160)
+    np.testing.assert_array_equal(subsample(a), want)
+
+
+def test_prepare_bdd100k_writes_paper_copy(tmp_path):
+    from PIL import Image
+
+    src, dst = str(tmp_path / 'bdd'), str(tmp_path / 'out')
+    _fake_bdd100k(src, hw=(48, 64))
+    counts = prepare_bdd100k(src, dst, progress=False)
+    assert counts == {'train': 4, 'val': 2}
+    ann = np.asarray(Image.open(osp.join(dst, 'labels/sem_seg/masks/train/train000.png')))
+    full = np.asarray(Image.open(osp.join(src, 'labels/sem_seg/masks/train/train000.png')))
+    np.testing.assert_array_equal(ann, full[7::8, 7::8])  # nearest: exact label values
+    mean = np.load(osp.join(dst, 'mean_image.npy'))
+    assert mean.shape == (3, 6, 8) and 0 < mean.mean() < 1
+    imgs = [np.asarray(Image.open(osp.join(dst, f'images/10k/train/train{i:03d}.jpg')), np.float64)
+            for i in range(4)]
+    np.testing.assert_allclose(mean, (sum(imgs) / 4 / 255).transpose(2, 0, 1), atol=1e-6)
+    # a second run keeps what is there
+    mtime = os.path.getmtime(osp.join(dst, 'images/10k/val/val001.jpg'))
+    prepare_bdd100k(src, dst, progress=False)
+    assert os.path.getmtime(osp.join(dst, 'images/10k/val/val001.jpg')) == mtime
+
+
+def test_prepare_bdd100k_says_what_is_wrong(tmp_path):
+    from PIL import Image
+
+    src = str(tmp_path / 'bdd')
+    with pytest.raises(LayoutError, match=re.escape(osp.join(src, 'images', '10k', 'train'))):
+        check_layout(src)
+    _fake_bdd100k(src, hw=(16, 16))
+    os.remove(osp.join(src, 'labels/sem_seg/masks/val/val001.png'))
+    with pytest.raises(LayoutError, match='1 images in .* have no mask .*val001'):
+        check_layout(src)
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(osp.join(src, 'labels/sem_seg/masks/val/val001.png'))
+    Image.fromarray(np.full((16, 16), 42, np.uint8)).save(osp.join(src, 'labels/sem_seg/masks/train/train002.png'))
+    with pytest.raises(LayoutError, match=r'train002.png: label values \[42\] outside 0-18 and 255'):
+        prepare_bdd100k(src, str(tmp_path / 'out'), progress=False)
+    out = subprocess.run([PY, osp.join(ROOT, 'tools/prepare_bdd100k.py'), '--src', src, '--dst', str(tmp_path / 'o')],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and 'label values [42]' in out.stderr
+
+
+def test_longrange_sample_needs_distant_context():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        img, label = make_longrange_sample(rng)
+        cls = set(np.unique(label).tolist()) - {0}
+        assert len(cls) == 1
+        color = int(np.argmax(img[:, :16].reshape(-1, 3).mean(0)))
+        assert cls == {color + 1}  # the strip's colour decides the class
+        assert np.all(label[:, :48] == 0)  # the labelled blob is at least 32 px from the strip
+
+
+# --- end to end through the tools ---------------------------------------------------------------------
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def _bdd_options(data_root, iters):
+    return ['--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
+            f'val_dataloader.dataset.data_root={data_root}', f'test_dataloader.dataset.data_root={data_root}',
+            f'model.data_preprocessor.mean_image={data_root}/mean_image.npy', f'train_cfg.max_iters={iters}',
+            f'train_cfg.val_interval={iters}', 'default_hooks.checkpoint.interval=2',
+            'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
+            'train_dataloader.persistent_workers=False', 'val_dataloader.persistent_workers=False',
+            'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
+            'default_hooks.logger.interval=1']
+
+
+@pytest.fixture(scope='module')
+def bdd_160x90(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bdd')
+    _fake_bdd100k(str(root / 'src'), sizes=(('train', 4), ('val', 2)))
+    _run([PY, 'tools/prepare_bdd100k.py', '--src', str(root / 'src'), '--dst', str(root / 'dst')])
+    return str(root / 'dst')
+
+
+@pytest.mark.slow
+def test_train_save_test_resume(bdd_160x90, tmp_path):
+    work = str(tmp_path / 'work')
+    cfg = 'configs/bdd100k_pide_diffusion.py'
+    _run([PY, 'tools/train.py', cfg, '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
+    ckpt = osp.join(work, 'iter_2.pth')
+    assert osp.isfile(ckpt)
+    # mmengine checkpoints load with torch's safe unpickler once pide_zoo is imported
+    state = torch.load(ckpt, weights_only=True)
+    assert state['meta']['iter'] == 2 and 'message_hub' in state
+    out = _run([PY, 'tools/test.py', cfg, ckpt, '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
+    assert re.search(r'aAcc: [\d.]+\s+mIoU: [\d.]+', out)
+    out = _run([PY, 'tools/train.py', cfg, '--work-dir', work, '--resume', *_bdd_options(bdd_160x90, 4)])
+    assert 'resumed' in out.lower() and osp.isfile(osp.join(work, 'iter_4.pth'))
+    assert re.search(r'Iter\(train\) \[3/4\]', out) and not re.search(r'Iter\(train\) \[1/4\]', out)
+
+
+@pytest.mark.slow
+def test_configs_run_under_mmseg_own_tools(bdd_160x90, tmp_path):
+    work = str(tmp_path / 'work')
+    _run([PY, osp.join(MMSEG_TOOLS, 'train.py'), 'configs/bdd100k_pide_log.py', '--work-dir', work,
+          *_bdd_options(bdd_160x90, 2)])
+    out = _run([PY, osp.join(MMSEG_TOOLS, 'test.py'), 'configs/bdd100k_pide_log.py', osp.join(work, 'iter_2.pth'),
+                '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
+    assert 'mIoU' in out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(bdd_160x90, tmp_path):
+    work = str(tmp_path / 'work')
+    _run([PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29631', 'tools/train.py',
+          'configs/bdd100k_hamiltonian74.py', '--launcher', 'pytorch', '--work-dir', work,
+          *_bdd_options(bdd_160x90, 2)])
+    assert osp.isfile(osp.join(work, 'iter_2.pth'))
+
+
+def test_missing_data_root_says_where_bdd100k_goes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([PY, 'tools/train.py', 'configs/bdd100k_hamiltonian74.py', '--work-dir', str(tmp_path),
+                          '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/nowhere',
+                          'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False'],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode != 0
+    assert 'tools/prepare_bdd100k.py --src data/bdd100k --dst data/bdd100k_160x90' in out.stderr
+    assert 'images/10k/{train,val}' in out.stderr

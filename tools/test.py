@@ -1,0 +1,27 @@
+"""Evaluate a checkpoint with mmsegmentation / mmengine (prints aAcc, mIoU, mAcc).
+
+    python tools/test.py configs/bdd100k_pide_diffusion.py work_dirs/.../iter_175000.pth
+    bash tools/dist_test.sh configs/bdd100k_pide_diffusion.py CHECKPOINT 4
+"""
+import argparse
+
+from mmengine.runner import Runner
+
+from pide_zoo.seg.cli import add_common_args, load_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description='Test (and eval) a segmentor checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='folder to write the predicted label maps to')
+    args = add_common_args(parser).parse_args()
+    cfg = load_config(args, checkpoint=args.checkpoint)
+    if args.out is not None:
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+    Runner.from_cfg(cfg).test()
+
+
+if __name__ == '__main__':
+    main()
