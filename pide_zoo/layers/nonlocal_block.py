@@ -160,13 +160,17 @@ class PIDEBlock(nn.Module):
         theta, phi = self.embed(x)
         kw = dict(operator=self.operator, normalizer=self.normalizer)
         # The dense path is the paper's: the kernel is formed once and reused by every stage.
-        kern = pide_kernel(theta, phi, operator=self.operator, s=self.s, n=self.n, lam=self.lam,
-                           kernel=self.kernel) if self.method == 'dense' else None
+        kern = rowsum = None
+        if self.method == 'dense':
+            kern = pide_kernel(theta, phi, operator=self.operator, s=self.s, n=self.n, lam=self.lam,
+                               kernel=self.kernel)
+            if self.operator in ('diffusion', 'frac_laplacian') or self.normalizer == 'rowsum':
+                rowsum = kern.sum(2)  # once for all stages
         out = x
         for conv, norm in zip(self.convs, self.norms):
             v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
             if kern is not None:
-                agg = apply_kernel(kern, v_query, v_key, **kw).to(v_query.dtype)
+                agg = apply_kernel(kern, v_query, v_key, rowsum=rowsum, **kw).to(v_query.dtype)
             else:
                 agg = nonlocal_aggregate(theta, phi, v_query, v_key, s=self.s, n=self.n, lam=self.lam,
                                          kernel=self.kernel, method=self.method, tile_size=self.tile_size, **kw)

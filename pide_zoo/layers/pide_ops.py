@@ -189,15 +189,21 @@ def apply_kernel(
         *,
         operator: str,
         normalizer: Union[str, float, None] = None,
+        rowsum: Optional[Tensor] = None,
 ) -> Tensor:
-    """Aggregate (B, C, N) of values with a dense kernel ``kern`` (B, N, M) from :func:`pide_kernel`."""
+    """Aggregate (B, C, N) of values with a dense kernel ``kern`` (B, N, M) from :func:`pide_kernel`.
+
+    ``rowsum`` (B, N), the kernel's row sums, may be passed when the kernel is applied repeatedly;
+    it is only computed where the operator or the normalizer needs it.
+    """
     operator = resolve_operator(operator)
     normalizer = check_normalizer(normalizer)
     dtype = kern.dtype
     with torch.autocast(kern.device.type, enabled=False):
         vq, vk = v_query.to(dtype), v_key.to(dtype)
         agg = torch.bmm(vk, kern.transpose(1, 2))  # (B, C, N): sum_j w_ij V_j
-        rowsum = kern.sum(2)  # (B, N)
+        if rowsum is None and (operator in ('diffusion', 'frac_laplacian') or normalizer == 'rowsum'):
+            rowsum = kern.sum(2)  # (B, N)
         if operator == 'diffusion':
             agg = agg - vq * rowsum.unsqueeze(1)
         elif operator == 'frac_laplacian':
@@ -269,12 +275,11 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
 
 def _tile_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, operator: str,
                     s: Optional[float], n: int, lam: float, kernel: str, normalizer: Union[str, float],
-                    m_total: int, n_total: int) -> Tensor:
+                    n_total: int) -> Tensor:
     kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
-    agg = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=1.0)
-    if normalizer == 'rowsum':
-        return _normalize(agg, kern.sum(2), normalizer, m_total, n_total)
-    return _normalize(agg, None, normalizer, m_total, n_total)
+    # A tile holds all keys but only some queries: 'query' must divide by the full N.
+    return apply_kernel(kern, v_query, v_key, operator=operator,
+                        normalizer=float(n_total) if normalizer == 'query' else normalizer)
 
 
 def nonlocal_aggregate(
@@ -331,7 +336,7 @@ def nonlocal_aggregate(
         out = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=normalizer)
     else:
         tile_size = check_tile_size(tile_size) or max(1, _TILE_ELEMENTS // max(1, b * m))
-        args = (operator, s, n, lam, kernel, normalizer, m, n_query)
+        args = (operator, s, n, lam, kernel, normalizer, n_query)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, v_query, v_key))
         tiles = []
         for start in range(0, n_query, tile_size):

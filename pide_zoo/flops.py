@@ -1,0 +1,312 @@
+"""FLOP and parameter counts of the pide_zoo models with fvcore, beside the paper's Tables 1-4.
+
+fvcore traces a model with ``torch.jit.trace`` and counts every traced ``aten::`` op with a handle;
+an op without a handle is reported by ``.unsupported_ops()``. :data:`FLOP_HANDLES` is the one table
+of handles this project adds to fvcore's defaults, installed by :class:`PIDEFlopCountAnalysis`.
+The conventions are fvcore's: one multiply-add is one flop (convolutions, ``linear``, ``bmm``),
+eval-mode batch norm costs 2 per element, pooling and sum/mean reductions one per input element
+(as fvcore's ``adaptive_avg_pool2d``), and pointwise ops (add, mul, pow, log, where, ...) are
+declared zero-cost unless ``elementwise`` gives them a cost per output element.
+
+The paper's Table 4 (Bohn, Griebel & Kannan 2021) was measured differently: the authors' scripts
+(``flops_nonlocal.py``, ``flops_resnet.py`` of dkannan08/Nonlocal-CNN) print TensorFlow's v1 graph
+profiler ``total_float_ops / 2``. That counts convolutions and (batched) matmuls at one per
+multiply-add, every registered pointwise op (Add, Sub, Mul, RealDiv, Pow, Log, BiasAdd, pooling,
+Sum) at 1/2 per element, fused batch norm, ReLU, Sqrt and (in the version used; the numbers fit
+only so) AddV2 not at all, and, as an artefact of profiling the whole graph, the Mul and Add of
+every weight's He-normal initializer (one per weight); the paper then truncates to one decimal.
+By hand, these rules give ResNet-44, Hamiltonian-74 and the diffusion network's cells exactly.
+fvcore's convention stays within about 1 % of every cell of Table 4 in the ``'dense'`` mode; the
+rest is mostly batch norm (2 per element here, 0 there) and the pointwise ops on the N x M kernel
+(pow, log), which only ``elementwise`` counts. ``tools/flops.py`` prints the comparison.
+
+:class:`~pide_zoo.layers.PIDEBlock` evaluates its kernel in one of several ways; the paper formed
+the dense N x M kernel once and applied it in every stage. :func:`count_flops` sets the method of
+every PIDE block for the count (``'dense'``: the paper's cost; ``'auto'``: this project's path,
+low rank for the dot-product diffusion kernel and tiled, with the kernel recomputed per stage,
+for the distance kernels).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    # fvcore.nn scripts its focal losses at import, which recent torch flags as deprecated.
+    warnings.simplefilter('ignore', FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import Handle, get_shape
+
+from .layers.nonlocal_block import PIDEBlock
+from .layers.pide_ops import resolve_method
+
+__all__ = [
+    'DATASETS', 'PAPER_NAMES', 'PAPER_TABLE4', 'PAPER_PARAMS', 'PAPER_SEG_PARAMS', 'TABLE4_MODELS', 'ALL_MODELS',
+    'POINTWISE_OPS', 'ZERO_COST_OPS', 'FLOP_HANDLES', 'flop_handles', 'PIDEFlopCountAnalysis',
+    'set_nonlocal_method', 'flop_analysis', 'count_flops', 'count_params', 'truncate', 'create_paper_model',
+    'segmentation_params',
+]
+
+DATASETS = ('cifar10', 'cifar100', 'stl10')
+
+# The paper's names of the networks.
+PAPER_NAMES: Dict[str, str] = {
+    'resnet44_cifar': 'ResNet-44',
+    'preresnet20_cifar': 'PreResNet-20',
+    'hamiltonian74': 'Hamiltonian-74',
+    'nl_hamiltonian74': 'Nonlocal diffusion L',
+    'nl_hamiltonian74_frac': '(-Delta)^{1/2}',
+    'nl_hamiltonian74_invfrac': '(-Delta)^{-1/2}',
+    'nl_hamiltonian74_log': '(-Delta)^{-1}',
+    'nl_hamiltonian74_4stage': 'Diffusion L, 4 stages',
+}
+
+# Table 4: FLOPs in M multiply-adds, for CIFAR-10, CIFAR-100, STL-10.
+PAPER_TABLE4: Dict[str, Tuple[float, float, float]] = {
+    'resnet44_cifar': (98.3, 98.3, 879.5),
+    'hamiltonian74': (159.6, 159.9, 1432.5),
+    'nl_hamiltonian74': (192.9, 193.2, 2003.7),
+    'nl_hamiltonian74_frac': (193.4, 193.7, 2012.5),
+    'nl_hamiltonian74_invfrac': (193.2, 193.5, 2011.0),
+    'nl_hamiltonian74_log': (193.6, 193.9, 2019.5),
+}
+TABLE4_MODELS = tuple(PAPER_TABLE4)
+
+# Tables 1 and 2: parameters in M, for CIFAR-10, CIFAR-100, STL-10. The paper truncates to two decimals
+# (ResNet-44 on CIFAR-100 has 0.6687 M, listed as 0.66); so does Table 4 (to one decimal).
+PAPER_PARAMS: Dict[str, Tuple[float, float, float]] = {
+    'resnet44_cifar': (0.66, 0.66, 0.66),
+    'preresnet20_cifar': (0.57, 0.59, 0.57),
+    'hamiltonian74': (0.50, 0.67, 0.50),
+    'nl_hamiltonian74': (0.56, 0.72, 0.55),
+    'nl_hamiltonian74_frac': (0.56, 0.72, 0.55),
+    'nl_hamiltonian74_invfrac': (0.56, 0.72, 0.55),
+    'nl_hamiltonian74_log': (0.56, 0.72, 0.55),
+    'nl_hamiltonian74_4stage': (0.59, 0.76, 0.59),
+}
+ALL_MODELS = tuple(PAPER_PARAMS)
+
+# Table 3 (BDD100K segmentation, no pooling, 1x1 conv head to 20 classes): parameters in M.
+PAPER_SEG_PARAMS: Dict[str, float] = {
+    'resnet44_cifar': 0.66,
+    'preresnet20_cifar': 0.57,
+    'hamiltonian74': 0.49,
+    'nl_hamiltonian74': 0.54,
+    'nl_hamiltonian74_frac': 0.54,
+    'nl_hamiltonian74_invfrac': 0.54,
+    'nl_hamiltonian74_log': 0.54,
+}
+SEG_NUM_CLASSES = 20
+SEG_IMG_SIZE = (90, 160)
+
+# Arithmetic pointwise ops: zero-cost by fvcore's convention, countable with ``elementwise``.
+POINTWISE_OPS = (
+    'aten::add', 'aten::add_', 'aten::sub', 'aten::sub_', 'aten::rsub', 'aten::mul', 'aten::mul_',
+    'aten::div', 'aten::div_', 'aten::neg', 'aten::pow', 'aten::log', 'aten::exp', 'aten::sqrt',
+    'aten::rsqrt', 'aten::reciprocal', 'aten::abs', 'aten::square', 'aten::clamp_min', 'aten::clamp_max',
+    'aten::sigmoid', 'aten::tanh', 'aten::silu', 'aten::gelu', 'aten::hardswish', 'aten::hardsigmoid',
+    'aten::softmax',
+)
+# Ops that move, select, compare or create data, beyond those fvcore already ignores (relu, cat, view...).
+ZERO_COST_OPS = (
+    'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::empty_like', 'aten::lt', 'aten::le',
+    'aten::ne', 'aten::sign', 'aten::clone', 'aten::alias', 'aten::expand_as', 'aten::reshape_as',
+)
+
+
+def _numel(shape: Optional[Sequence[int]]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _pointwise(cost: float) -> Handle:
+    def handle(inputs: List[Any], outputs: List[Any]) -> float:
+        return cost * _numel(get_shape(outputs[0]))
+    return handle
+
+
+def _reduction(inputs: List[Any], outputs: List[Any]) -> int:
+    # One accumulation per input element, as fvcore counts adaptive_avg_pool2d.
+    return _numel(get_shape(inputs[0]))
+
+
+def _int_list(value: Any) -> Optional[List[int]]:
+    """The constant int list behind a traced argument (a constant or a prim::ListConstruct of constants)."""
+    ivalue = value.toIValue()
+    if ivalue is None and value.node().kind() == 'prim::ListConstruct':
+        ivalue = [v.toIValue() for v in value.node().inputs()]
+    if isinstance(ivalue, int):
+        ivalue = [ivalue]
+    if not ivalue or not all(isinstance(v, int) for v in ivalue):
+        return None
+    return list(ivalue)
+
+
+def _pool(ndim: int) -> Handle:
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        # Kernel area times output elements: the input size for the non-overlapping pools used here.
+        kernel = _int_list(inputs[1])
+        if kernel is None:
+            return _numel(get_shape(inputs[0]))
+        if len(kernel) == 1:
+            kernel = kernel * ndim
+        return math.prod(kernel) * _numel(get_shape(outputs[0]))
+    return handle
+
+
+def flop_handles(elementwise: float = 0.0) -> Dict[str, Optional[Handle]]:
+    """The handles added to fvcore's defaults (``None`` declares an op zero-cost).
+
+    Args:
+        elementwise: cost per output element of the pointwise ops in :data:`POINTWISE_OPS`
+            (0: fvcore's convention; TensorFlow's profiler counts 1 flop per element, which is 1/2
+            in the paper's multiply-adds).
+    """
+    if not elementwise >= 0:
+        raise ValueError(f'elementwise must be a non-negative cost per element, got {elementwise!r}')
+    handles: Dict[str, Optional[Handle]] = {
+        'aten::avg_pool1d': _pool(1),
+        'aten::max_pool1d': _pool(1),
+        'aten::avg_pool2d': _pool(2),
+        'aten::max_pool2d': _pool(2),
+        'aten::adaptive_max_pool2d': _reduction,
+        'aten::sum': _reduction,
+        'aten::mean': _reduction,
+    }
+    handles.update({name: None for name in ZERO_COST_OPS})
+    handles.update({name: (_pointwise(elementwise) if elementwise else None) for name in POINTWISE_OPS})
+    return handles
+
+
+#: The table of fvcore handles in this project's (fvcore's) convention.
+FLOP_HANDLES: Dict[str, Optional[Handle]] = flop_handles()
+
+
+class PIDEFlopCountAnalysis(FlopCountAnalysis):
+    """fvcore's :class:`~fvcore.nn.FlopCountAnalysis` with :data:`FLOP_HANDLES` installed.
+
+    Trace under ``torch.no_grad()`` (as :func:`count_flops` does): with gradients enabled the
+    reversible Hamiltonian chain is a custom autograd function that ``torch.jit.trace`` cannot record.
+
+    Args:
+        model: the module to analyse.
+        inputs: its positional inputs.
+        elementwise: cost per output element of pointwise ops (see :func:`flop_handles`).
+    """
+
+    def __init__(self, model: nn.Module, inputs: Any, elementwise: float = 0.0):
+        super().__init__(model, inputs)
+        self.set_op_handle(**(FLOP_HANDLES if not elementwise else flop_handles(elementwise)))
+        self.tracer_warnings('none')
+
+
+@contextlib.contextmanager
+def set_nonlocal_method(model: nn.Module, method: Optional[str]) -> Iterator[nn.Module]:
+    """Temporarily set ``method`` (``'auto'``, ``'lowrank'``, ``'tiled'``, ``'dense'``) on every PIDE block.
+
+    ``None`` leaves the blocks as they are. The previous methods are restored on exit.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)] if method is not None else []
+    saved = [b.method for b in blocks]
+    try:
+        for b in blocks:
+            b.method = resolve_method(method, b.operator, b.kernel)
+        yield model
+    finally:
+        for b, m in zip(blocks, saved):
+            b.method = m
+
+
+def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=g)
+    return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+
+
+def flop_analysis(
+        model: nn.Module,
+        input_size: Sequence[int],
+        nonlocal_method: Optional[str] = 'dense',
+        elementwise: float = 0.0,
+        batch_size: int = 1,
+) -> PIDEFlopCountAnalysis:
+    """Run a :class:`PIDEFlopCountAnalysis` of ``model`` in eval mode under ``torch.no_grad()``.
+
+    Args:
+        model: the model (its train/eval mode is restored afterwards).
+        input_size: (C, H, W) of one input.
+        nonlocal_method: evaluation path set on every PIDE block for the count (``'dense'``: the
+            paper's; ``'auto'``: this project's default; ``None``: as configured).
+        elementwise: cost per output element of pointwise ops (0: fvcore's convention).
+        batch_size: batch size of the traced input.
+
+    Returns:
+        The analysis, already evaluated, so that ``.total()``, ``.by_operator()``, ``.by_module()``
+        and ``.unsupported_ops()`` report the count made with ``nonlocal_method``.
+    """
+    x = _example_input(model, input_size, batch_size)
+    was_training = model.training
+    fa = PIDEFlopCountAnalysis(model, (x,), elementwise=elementwise)
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    try:
+        model.eval()
+        with set_nonlocal_method(model, nonlocal_method), torch.no_grad():
+            fa.total()  # fvcore analyses lazily: trace now, while the methods are set
+    finally:
+        model.train(was_training)
+    return fa
+
+
+def count_flops(
+        model: nn.Module,
+        input_size: Sequence[int],
+        nonlocal_method: Optional[str] = 'dense',
+        elementwise: float = 0.0,
+        batch_size: int = 1,
+) -> int:
+    """Total FLOPs (multiply-adds) of ``model`` on one input of ``input_size``; see :func:`flop_analysis`."""
+    return round(flop_analysis(model, input_size, nonlocal_method, elementwise, batch_size).total())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def truncate(value: float, digits: int) -> float:
+    """``value`` cut (not rounded) to ``digits`` decimals, as the paper prints its tables."""
+    scale = 10 ** digits
+    return math.floor(value * scale + 1e-9) / scale
+
+
+def create_paper_model(name: str, dataset: str = 'cifar10', **kwargs) -> Tuple[nn.Module, Tuple[int, int, int]]:
+    """A registered timm model with the cfg of ``dataset`` and its input size (C, H, W)."""
+    import timm
+
+    if dataset not in DATASETS:
+        raise ValueError(f'dataset must be one of {DATASETS}, got {dataset!r}')
+    model = timm.create_model(f'{name}.{dataset}', **kwargs)
+    return model, tuple(model.pretrained_cfg['input_size'])
+
+
+def segmentation_params(name: str) -> int:
+    """Parameters of the Table 3 (BDD100K) layout of ``name``: no pooling, 1x1 conv head to 20 classes."""
+    import timm
+
+    from .models import HamiltonianNet
+
+    if name.startswith(('hamiltonian', 'nl_hamiltonian')):
+        ref = timm.create_model(name)
+        operator = ref.nonlocal_operator
+        stages = next((m.stages for m in ref.modules() if isinstance(m, PIDEBlock)), 2)
+        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator=operator,
+                              nonlocal_stages=stages, nonlocal_subsample=3, img_size=SEG_IMG_SIZE)
+    else:
+        body = timm.create_model(name, num_classes=0, global_pool='', downsample=False)
+    head = nn.Conv2d(body.num_features, SEG_NUM_CLASSES, 1)
+    return count_params(body) + count_params(head)
