@@ -256,3 +256,15 @@ def test_missing_data_root_says_where_bdd100k_goes(tmp_path):
     assert out.returncode != 0
     assert 'tools/prepare_bdd100k.py --src data/bdd100k --dst data/bdd100k_160x90' in out.stderr
     assert 'images/10k/{train,val}' in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_config_runs(tmp_path):
+    data = str(tmp_path / 'data')
+    out = _run([PY, 'tools/train.py', 'configs/demo_longrange.py', '--work-dir', str(tmp_path / 'work'),
+                '--cfg-options', f'train_dataloader.dataset.data_root={data}',
+                f'val_dataloader.dataset.data_root={data}', f'test_dataloader.dataset.data_root={data}',
+                'train_dataloader.dataset.num_samples=16',
+                'val_dataloader.dataset.num_samples=8', 'train_cfg.max_iters=3', 'train_cfg.val_interval=3'])
+    assert re.search(r'mIoU: [\d.]+', out) and osp.isfile(osp.join(tmp_path, 'work', 'iter_3.pth'))
+    assert len(os.listdir(osp.join(data, 'img_dir', 'train'))) == 16 + 1  # images and the generator's stamp

@@ -12,13 +12,13 @@ convolutions without normalisation; the head is global average pooling and a lin
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from ._staged import StagedFeaturesMixin
 from .hamiltonian_net import CIFAR10_MEAN, CIFAR100_MEAN, STL10_MEAN, UNIT_STD, _check_input
 
 __all__ = ['CifarResNet', 'BasicBlockV1', 'PreActBottleneck']
@@ -74,7 +74,7 @@ class PreActBottleneck(nn.Module):
         return y + self.shortcut(x)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedFeaturesMixin, nn.Module):
     """ResNet v1 (basic blocks) or v2 (pre-activation bottlenecks) for small images.
 
     Args:
@@ -171,39 +171,6 @@ class CifarResNet(nn.Module):
         p = next(self.stem.parameters())
         self.fc = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0 \
             else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Features and the outputs of the Units selected by ``indices`` (timm's convention)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages[:max_index + 1] if stop_early else self.stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return self.final_norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.final_norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_chans, 1)

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..layers.hamiltonian import HamiltonianUnit
 from ..layers.nonlocal_block import PIDEBlock
 from ..layers.pide_ops import resolve_operator
+from ._staged import StagedFeaturesMixin
 
 __all__ = ['HamiltonianNet', 'CIFAR10_MEAN', 'CIFAR100_MEAN', 'STL10_MEAN', 'paper_geometry']
 
@@ -74,7 +74,7 @@ class Transition(nn.Sequential):
         super().__init__(layers)
 
 
-class HamiltonianNet(nn.Module):
+class HamiltonianNet(StagedFeaturesMixin, nn.Module):
     """Hamiltonian CNN with optional PIDE nonlocal blocks (Bohn, Griebel & Kannan 2021).
 
     Args:
@@ -229,38 +229,6 @@ class HamiltonianNet(nn.Module):
         p = next(self.parameters())
         self._build_head(num_classes, global_pool if global_pool is not None else self.global_pool_type,
                          device=p.device, dtype=p.dtype)
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Features and the outputs of the Units selected by ``indices`` (timm's convention)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         need = self.final_reduction * (self.head_pool if self.global_pool_type == 'flatten' else 1)
