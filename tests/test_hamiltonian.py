@@ -155,3 +155,37 @@ def test_bad_input():
         HamiltonianBlock(4)(torch.randn(1, 6, 3, 3))
     with pytest.raises(ValueError, match='nonlocal_after positions'):
         HamiltonianUnit(4, 2, nonlocal_layer=PIDEBlock, nonlocal_after=(3,))
+
+
+def _ddp_worker(rank, world, port, results):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    try:
+        grads = {}
+        for reversible in (False, True):
+            torch.manual_seed(0)
+            unit = HamiltonianUnit(4, 3, h=0.3, reversible=reversible, dtype=torch.float64)
+            model = DDP(unit)
+            x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+            model(x).square().sum().backward()
+            grads[reversible] = [p.grad.clone() for p in unit.parameters()]
+        results[rank] = [torch.allclose(a, b, rtol=1e-8, atol=1e-10) for a, b in zip(grads[False], grads[True])]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_reversible_under_ddp_matches_stored():
+    """The reversible backward hands parameter gradients to autograd, so DDP's all-reduce hooks fire."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    assert len(results) == 2 and all(all(v) for v in results.values())
