@@ -1,0 +1,343 @@
+"""Classification training on timm's building blocks: the paper's recipe, checkpoints, one epoch, evaluation.
+
+The recipe of Bohn, Griebel & Kannan (2021), Section 5.1, with the authors' code filling its gaps:
+batch 100 (STL-10: 50), SGD with momentum 0.9, 200 epochs at learning rate 0.01 for the first epoch,
+then 0.1 divided by 10 at epochs 80, 120, 160 and 180, L2 regularisation of all convolution weights as
+Keras ``l2(reg)`` with reg = 2e-4 (STL-10: 5e-4) and the weight-smoothness decay (4.8) with
+alpha_2 = 1e-8. Keras adds ``reg * sum(w**2)`` to the loss, whose gradient ``2 * reg * w`` is SGD
+weight decay ``2 * reg``.
+
+``tools/train_cls.py`` and ``tools/eval_cls.py`` are thin command lines over this module; the analysis
+tools rebuild models from the checkpoints written here (:func:`model_from_checkpoint`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from timm.models import get_pretrained_cfg, is_model
+from timm.scheduler import create_scheduler_v2
+from timm.utils import AverageMeter, CheckpointSaver, accuracy, get_state_dict, random_seed, unwrap_model
+from torch import Tensor, nn
+
+from .data.classification import dataset_info
+from .layers import smoothness_penalty
+
+__all__ = [
+    'PAPER_SCHEDULE', 'PAPER_RECIPES', 'WD_PARAMS', 'CHECKPOINT_FORMAT', 'keras_l2_to_weight_decay',
+    'weight_decay_param_groups', 'classifier_kwargs', 'epoch_seed', 'seed_epoch', 'plain', 'compute_loss',
+    'ClsCheckpointSaver', 'checkpoint_meta', 'load_checkpoint', 'model_from_checkpoint', 'train_one_epoch',
+    'evaluate', 'median_summary', 'load_model', 'create_lr_scheduler',
+]
+
+# Epoch-level schedule of the authors' code (timm's multistep scheduler with a one-epoch warm-up prefix).
+PAPER_SCHEDULE: Dict[str, Any] = dict(
+    epochs=200, lr=0.1, warmup_lr=0.01, warmup_epochs=1, decay_milestones=(80, 120, 160, 180), decay_rate=0.1,
+    opt='momentum', momentum=0.9, smoothness=1e-8,  # timm's 'momentum': SGD without Nesterov, as Keras
+)
+# Per dataset: batch size and Keras l2(reg). Digits (not in the paper) use the CIFAR values.
+PAPER_RECIPES: Dict[str, Dict[str, float]] = {
+    'cifar10': dict(batch_size=100, keras_l2=2e-4),
+    'cifar100': dict(batch_size=100, keras_l2=2e-4),
+    'stl10': dict(batch_size=50, keras_l2=5e-4),
+    'digits': dict(batch_size=100, keras_l2=2e-4),
+}
+WD_PARAMS = ('conv', 'weights')
+CHECKPOINT_FORMAT = 'pide_zoo.cls/1'
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def keras_l2_to_weight_decay(reg: float) -> float:
+    """SGD weight decay equal to Keras ``l2(reg)``: the gradient of ``reg * ||w||^2`` is ``2 * reg * w``."""
+    return 2.0 * reg
+
+
+def weight_decay_param_groups(model: nn.Module, weight_decay: float, which: str = 'conv') -> List[Dict[str, Any]]:
+    """Parameter groups with weight decay on convolution weights only (``'conv'``, the paper's (4.7): all
+    convolution weights, nonlocal ones included, not the classifier) or on every weight of two or more
+    dimensions (``'weights'``, timm's default). Biases and normalisation parameters are never decayed."""
+    if which not in WD_PARAMS:
+        raise ValueError(f'which must be one of {WD_PARAMS}, got {which!r}')
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        selected = id(p) in conv_weights if which == 'conv' else p.ndim > 1
+        (decay if selected else no_decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+
+
+def classifier_kwargs(model_name: str, dataset: str, model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``timm.create_model`` keyword arguments for ``dataset``: its class count and, for models with a fixed
+    input size (the paper's flatten head, ViTs), its image size; ``model_kwargs`` override both."""
+    if not is_model(model_name):
+        raise ValueError(f"model must be a timm model name (see timm.list_models()), got {model_name!r}")
+    info = dataset_info(dataset)
+    kwargs: Dict[str, Any] = dict(num_classes=info.num_classes)
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs['img_size'] = info.img_size
+    kwargs.update(model_kwargs or {})
+    return kwargs
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch: every epoch's shuffling and augmentation depend only on (seed, epoch, rank),
+    so a run resumed at an epoch boundary continues exactly."""
+    return seed + 100_003 * (epoch + 1)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch, numpy and random for ``epoch`` on ``rank`` (see :func:`epoch_seed`)."""
+    random_seed(epoch_seed(seed, epoch), rank)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data (dicts, lists, strings, numbers) that ``torch.load(weights_only=True)`` reads;
+    anything else becomes its string."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if hasattr(value, '__dict__') and not isinstance(value, type):  # argparse.Namespace
+        return plain(vars(value))
+    return str(value)
+
+
+def compute_loss(model: nn.Module, output: Tensor, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 smoothness: float = 0.0) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The training objective: ``loss_fn(output, target)`` plus the weight-smoothness decay (4.8)
+    ``smoothness_penalty(model, smoothness)``. Returns the total and its parts (``'ce'``, ``'smooth'``)."""
+    ce = loss_fn(output, target)
+    smooth = smoothness_penalty(unwrap_model(model), smoothness) if smoothness else ce.new_zeros(())
+    return ce + smooth, dict(ce=ce.detach(), smooth=smooth.detach())
+
+
+class ClsCheckpointSaver(CheckpointSaver):
+    """timm's :class:`~timm.utils.CheckpointSaver` writing checkpoints that ``torch.load(weights_only=True)``
+    reads and that rebuild their model: ``meta`` (model name, its keyword arguments, dataset, data mean,
+    run arguments as plain data) is stored next to the usual entries."""
+
+    def __init__(self, *args, meta: Dict[str, Any], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.meta = meta
+
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        state: Dict[str, Any] = dict(self.meta)
+        state.update(
+            format=CHECKPOINT_FORMAT, epoch=epoch, version=2,  # version 2: resume starts at epoch + 1
+            state_dict=get_state_dict(self.model, self.unwrap_fn), optimizer=self.optimizer.state_dict())
+        if self.model_ema is not None:
+            state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(epoch, metric)
+        torch.save(state, save_path)
+
+
+def checkpoint_meta(model_name: str, model_kwargs: Dict[str, Any], dataset: str, data_mean: Tensor,
+                    args: Any = None) -> Dict[str, Any]:
+    """The entries a :class:`ClsCheckpointSaver` adds to every checkpoint."""
+    return dict(arch=model_name, model_kwargs=plain(model_kwargs), dataset=dataset,
+                data_mean=data_mean.detach().cpu().float(), args=plain(args) if args is not None else {})
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """A checkpoint written by :class:`ClsCheckpointSaver`, read with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or 'arch' not in ckpt or 'model_kwargs' not in ckpt:
+        raise ValueError(f'{path!r} is not a checkpoint of tools/train_cls.py: it records no model name and '
+                         f'arguments (keys: {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__})')
+    return ckpt
+
+
+def model_from_checkpoint(path_or_ckpt: Any, use_ema: bool = False,
+                          device: Any = 'cpu') -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model of a checkpoint (its recorded name and arguments, its weights), in eval mode, and the checkpoint.
+
+    Args:
+        path_or_ckpt: checkpoint path or an already loaded checkpoint dict.
+        use_ema: load the EMA weights (the checkpoint must have them).
+        device: where to put the model.
+    """
+    import timm
+
+    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if key not in ckpt:
+        raise ValueError(f'the checkpoint has no {key!r} (use_ema={use_ema}); it has {sorted(ckpt)}')
+    model = timm.create_model(ckpt['arch'], **ckpt['model_kwargs'])
+    model.load_state_dict(ckpt[key])
+    return model.to(device).eval(), ckpt
+
+
+def _to_device(x: Tensor, target: Tensor, device: torch.device, channels_last: bool) -> Tuple[Tensor, Tensor]:
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, target.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+        model: nn.Module,
+        loader: Any,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        device: torch.device,
+        smoothness: float = 0.0,
+        amp_autocast: Callable[[], Any] = nullcontext,
+        loss_scaler: Any = None,
+        model_ema: Any = None,
+        num_updates: int = 0,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm',
+        channels_last: bool = False,
+        progress: Any = None,
+) -> Tuple[OrderedDict[str, float], int]:
+    """One epoch of SGD on ``loss_fn`` + weight-smoothness decay. Returns the epoch's mean ``loss`` (total),
+    ``ce``, ``smooth`` and train ``top1`` (on the augmented batches, this process only) and the update count.
+
+    ``progress`` is called after every batch with the running metrics (e.g. a tqdm bar's ``set_postfix``).
+    """
+    from timm.utils import dispatch_clip_grad
+
+    model.train()
+    meters = {k: AverageMeter() for k in ('loss', 'ce', 'smooth', 'top1')}
+    for x, target in loader:
+        x, target = _to_device(x, target, device, channels_last)
+        with amp_autocast():
+            output = model(x)
+            loss, parts = compute_loss(model, output, target, loss_fn, smoothness)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'the loss is {loss.item()} at update {num_updates}; lower the learning rate '
+                                     f'or check the inputs')
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=model.parameters())
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+            optimizer.step()
+        num_updates += 1
+        if model_ema is not None:
+            model_ema.update(model, step=num_updates)
+        n = x.shape[0]
+        meters['loss'].update(loss.item(), n)
+        meters['ce'].update(parts['ce'].item(), n)
+        meters['smooth'].update(parts['smooth'].item(), n)
+        meters['top1'].update(accuracy(output.detach().float(), target)[0].item(), n)
+        if progress is not None:
+            progress({k: m.avg for k, m in meters.items()})
+    return OrderedDict((k, m.avg) for k, m in meters.items()), num_updates
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader: Any,
+        device: torch.device,
+        amp_autocast: Callable[[], Any] = nullcontext,
+        channels_last: bool = False,
+        distributed: bool = False,
+        topk: Sequence[int] = (1, 5),
+        progress: Any = None,
+) -> OrderedDict[str, float]:
+    """Cross-entropy ``loss``, ``top1`` and ``top5`` (%) and ``count`` over ``loader``; with ``distributed``,
+    each process passes its own disjoint part of the split and the sums are reduced over all processes."""
+    model.eval()
+    sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, count, correct@k
+    for x, target in loader:
+        x, target = _to_device(x, target, device, channels_last)
+        with amp_autocast():
+            output = model(x)
+        output = output.float()
+        n = x.shape[0]
+        sums[0] += nn.functional.cross_entropy(output, target, reduction='sum').double()
+        sums[1] += n
+        pred = output.topk(min(max(topk), output.shape[1]), dim=1).indices
+        hits = pred.eq(target[:, None]).cumsum(1).clamp_(max=1).sum(0)  # images right within the top j + 1
+        for i, k in enumerate(topk):
+            sums[2 + i] += hits[min(k, pred.shape[1]) - 1]
+        if progress is not None:
+            progress({'top1': (100.0 * sums[2] / sums[1]).item()})
+    if distributed:
+        dist.all_reduce(sums)
+    count = max(sums[1].item(), 1.0)
+    metrics = OrderedDict(loss=sums[0].item() / count)
+    for i, k in enumerate(topk):
+        metrics[f'top{k}'] = 100.0 * sums[2 + i].item() / count
+    metrics['count'] = int(sums[1].item())
+    return metrics
+
+
+def median_summary(results: Sequence[Dict[str, float]], keys: Sequence[str] = ('top1', 'top5')) -> Dict[str, Any]:
+    """Median (the paper reports the median of 5 seeds), mean, standard deviation, min and max of ``keys``
+    over several runs' results."""
+    import statistics
+
+    if not results:
+        raise ValueError('results must hold at least one run')
+    out: Dict[str, Any] = dict(runs=len(results))
+    for k in keys:
+        values = [float(r[k]) for r in results]
+        out[k] = dict(median=statistics.median(values), mean=statistics.fmean(values),
+                      std=statistics.stdev(values) if len(values) > 1 else 0.0, min=min(values), max=max(values))
+    return out
+
+
+def load_model(checkpoint: Optional[str] = None, model_name: Optional[str] = None,
+               model_kwargs: Optional[Dict[str, Any]] = None, dataset: str = 'digits', use_ema: bool = False,
+               device: Any = 'cpu') -> Tuple[nn.Module, Dict[str, Any]]:
+    """A trained model from ``checkpoint``, or a freshly initialised ``model_name`` for ``dataset``, in eval mode.
+
+    Returns the model and what is known about it: ``arch``, ``model_kwargs``, ``dataset``, ``epoch``
+    (epochs trained) and ``data_mean`` (None for a fresh model: compute it from the train split).
+    """
+    import timm
+
+    if (checkpoint is None) == (model_name is None):
+        raise ValueError('give exactly one of checkpoint and model_name')
+    if checkpoint is not None:
+        model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema, device=device)
+        return model, dict(arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
+                           epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=str(checkpoint))
+    kwargs = classifier_kwargs(model_name, dataset, model_kwargs)
+    model = timm.create_model(model_name, **kwargs).to(device).eval()
+    return model, dict(arch=model_name, model_kwargs=plain(kwargs), dataset=dataset, epoch=0, data_mean=None,
+                       source='initialisation')
+
+
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, sched: str = 'multistep',
+                        epochs: int = PAPER_SCHEDULE['epochs'],
+                        decay_milestones: Sequence[int] = PAPER_SCHEDULE['decay_milestones'],
+                        decay_rate: float = PAPER_SCHEDULE['decay_rate'],
+                        warmup_epochs: int = PAPER_SCHEDULE['warmup_epochs'],
+                        warmup_lr: float = PAPER_SCHEDULE['warmup_lr'], min_lr: float = 0.0,
+                        decay_epochs: float = 30, seed: int = 42) -> Any:
+    """timm's epoch scheduler with the warm-up counted in ``epochs``. With the defaults, the authors' schedule:
+    0.01 in epoch 0, the base lr (0.1) in epochs 1-79, then divided by 10 from epochs 80, 120, 160 and 180 on.
+
+    ``decay_milestones`` are 0-based epochs from which the lr is divided (again) by ``1 / decay_rate``,
+    counted from the start of training whatever the warm-up length (timm's multistep scheduler counts them
+    from the end of a warm-up prefix, minus one). Returns None for ``sched='none'``.
+    """
+    # timm applies milestone m at warm-up-relative index m - 1, i.e. at epoch m + warmup - 1.
+    milestones = [int(m) - warmup_epochs + 1 for m in decay_milestones]
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs - warmup_epochs, decay_milestones=milestones,
+        decay_epochs=decay_epochs, decay_rate=decay_rate, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
+        warmup_prefix=True, min_lr=min_lr, noise_seed=seed)
+    return lr_scheduler
