@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+import torch
 from timm.utils import ParseKwargs
 
 from pide_zoo.analysis import nonlocal_spectra, plot_spectra
@@ -25,8 +26,10 @@ def main(argv=None) -> dict:
     p.add_argument('--dataset', default='cifar10', help=f'input geometry of --model: one of {", ".join(DATASETS)}')
     p.add_argument('--use-ema', action='store_true', help='the EMA weights of the checkpoint')
     p.add_argument('--fold-bn', action='store_true', help='analyse K scaled by its batch norm (eval mode)')
+    p.add_argument('--seed', type=int, default=0, help='initialisation seed of --model')
     p.add_argument('--output', required=True, help='folder for the JSON and the figures')
     args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
     if (args.checkpoint is None) == (args.model is None):
         p.error('give a CHECKPOINT or --model NAME (one of them)')
     if args.dataset not in DATASETS:

@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
     p.add_argument('--num-images', type=int, default=200, help='test images used (default: %(default)s)')
     p.add_argument('--eps', type=float, nargs='+', default=[1, 2, 4, 8], help='perturbation sizes, x 1/255')
     p.add_argument('--use-ema', action='store_true')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='image sample, random perturbations, --models initialisation')
     p.add_argument('--output', required=True, help='folder for the JSON and the figures')
     args = p.parse_args(argv)
     if not args.checkpoints and not args.models:
@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
         dataset = args.dataset or (datasets.pop() if datasets else 'digits')
         if dataset not in DATASETS:
             p.error(f'--dataset must be one of {", ".join(DATASETS)}, got {dataset!r}')
+        torch.manual_seed(args.seed)
         loaded += [load_model(model_name=m, dataset=dataset) for m in args.models]
         images, labels = load_split(dataset, args.data_dir, 'test')
         train_mean = None
