@@ -336,6 +336,16 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_every_keeps_the_log_columns(tmp_path):
+    data = make_cifar(str(tmp_path / 'data'))
+    _run(['tools/train_cls.py', *TINY, '--dataset', 'cifar10', '--data-dir', data, '-b', '8', '-j', '0',
+          '--no-progress', '--epochs', '3', '--eval-every', '2', '--output', str(tmp_path / 'run')])
+    rows = list(csv.DictReader(open(tmp_path / 'run' / 'summary.csv')))
+    assert [r['eval_top1'] == '' for r in rows] == [True, False, False]
+    assert all(len(r) == len(rows[0]) and None not in r for r in rows)
+
+
+@pytest.mark.slow
 def test_digits_end_to_end_tiny(tmp_path):
     """The embedded dataset through the tool (a tiny network; the full-size result is a recorded benchmark)."""
     out_dir = str(tmp_path / 'digits')

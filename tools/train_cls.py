@@ -61,6 +61,7 @@ from pide_zoo.training import (
 _logger = logging.getLogger('train_cls')
 SCHEDULERS = ('multistep', 'step', 'cosine', 'poly', 'constant', 'none')
 AMP_DTYPES = ('float16', 'bfloat16')
+EVAL_COLUMNS = ('loss', 'top1', 'top5', 'count')
 
 config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of option defaults')
@@ -310,7 +311,10 @@ def main(argv=None) -> dict:
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics.get('top1'))
         if primary:
-            row = dict(eval_metrics, **{f'ema_{k}': v for k, v in ema_metrics.items()})
+            # the same columns every epoch, empty where the test set was skipped (--eval-every)
+            row = {k: eval_metrics.get(k, '') for k in EVAL_COLUMNS}
+            if model_ema is not None:
+                row.update({f'ema_{k}': ema_metrics.get(k, '') for k in EVAL_COLUMNS})
             update_summary(epoch, train_metrics, row, summary_csv, lr=lr)
             saver.save_checkpoint(epoch, metric=eval_metrics.get('top1'))
             test = f" | test loss {eval_metrics['loss']:.4f} top1 {eval_metrics['top1']:.2f} " \
