@@ -4,8 +4,12 @@ For each operator (diffusion, fractional Laplacian, inverse fractional Laplacian
 feature-map sizes from Bohn, Griebel & Kannan (2021), this times one forward+backward pass of a
 :class:`pide_zoo.layers.PIDEBlock` (two stages, default hyper-parameters, training mode) and
 measures its peak memory, with ``method='auto'`` (low rank for the diffusion dot kernel; query
-tiles with activation checkpointing for the distance kernels) and with ``method='dense'`` (the full
-N x M kernel, as the paper computed it), side by side in the same run:
+tiles with activation checkpointing for the distance kernels, or one kernel for both stages where a
+single tile holds it) and with ``method='dense'`` (the full
+N x M kernel, as the paper computed it), side by side in the same run. ``--level operator`` times
+one call of the functional core ``nonlocal_aggregate`` instead (embeddings fixed projections of the
+input, no convolution, batch norm or activation): the part of the block the two paths differ in.
+Cases:
 
 * CIFAR-10 ResNet units: 32x32 C=32, 16x16 C=64, 8x8 C=112, key subsample 2, batch ``--cifar-batch``
   (default 8: on CPU a training batch would take minutes per case);
@@ -34,6 +38,7 @@ Run from the repository root:
 
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --quick            # smoke test, tiny sizes
     PYTHONPATH=. python benchmarks/bench_nonlocal.py | tee bench.txt    # full sizes on CPU
+    PYTHONPATH=. python benchmarks/bench_nonlocal.py --level operator --cases bdd,full_res
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --device cuda --cifar-batch 128 --full-res-ops all
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --cases bdd --operators diffusion --wait-idle-s 300
 
@@ -119,6 +124,7 @@ class Spec:
     budget_s: float
     threads: Optional[int]
     save_path: Optional[str]
+    level: str = 'block'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +219,38 @@ class PeakMeter:
         return max(0, (hwm if hwm is not None else _maxrss_bytes()) - self.base)
 
 
+def operator_stage(channels: int, *, operator: str, subsample: int, method: str) -> Any:
+    """The functional core alone: one ``nonlocal_aggregate`` with fixed embeddings made from the input.
+
+    theta and phi are fixed random projections of X (E = C/2; phi max-pooled like the block's keys), so
+    the gradient flows into X through the values and both embeddings, as in the block, but no
+    convolution, batch norm or activation of the block is timed or held.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from pide_zoo.layers.pide_ops import nonlocal_aggregate
+
+    class OperatorStage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            e = channels // 2
+            self.register_buffer('w_theta', torch.randn(e, channels) * (2 / channels) ** 0.5)
+            self.register_buffer('w_phi', torch.randn(e, channels) * (2 / channels) ** 0.5)
+
+        def keys(self, t):
+            return (F.max_pool2d(t, subsample) if subsample > 1 else t).flatten(2)
+
+        def forward(self, x):
+            v = x.flatten(2)
+            theta = torch.einsum('ec,bcn->ben', self.w_theta, v)
+            phi = self.keys(torch.einsum('ec,bchw->behw', self.w_phi, x))
+            return nonlocal_aggregate(theta, phi, v, self.keys(x), operator=operator, lam=0.1,
+                                      method=method).view_as(x)
+
+    return OperatorStage()
+
+
 def measure(spec: Spec) -> dict[str, Any]:
     """Time forward+backward of one PIDEBlock and read its peak memory; see the module docstring."""
     import torch
@@ -220,14 +258,20 @@ def measure(spec: Spec) -> dict[str, Any]:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from pide_zoo.layers.nonlocal_block import PIDEBlock
+    from pide_zoo.layers.pide_ops import resolve_method
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     c = spec.case
     torch.manual_seed(0)  # same weights and inputs for both methods, so their outputs can be compared
-    block = PIDEBlock(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method).to(device)
-    block.train()
+    if spec.level == 'block':
+        block = PIDEBlock(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method).to(device)
+        block.train()
+        resolved = block.method
+    else:
+        block = operator_stage(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method).to(device)
+        resolved = resolve_method(spec.method, spec.operator, 'dot')
     x = torch.randn(c.batch, c.channels, c.height, c.width, device=device, requires_grad=True)
     # A random cotangent: out.sum() would send almost nothing back through the batch norms.
     grad_out = torch.randn_like(x)
@@ -279,7 +323,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     if spec.save_path:
         torch.save({'out': out.detach().cpu(), 'grad': x.grad.detach().cpu()}, spec.save_path)
     return {'ms': 1e3 * statistics.median(times), 'runs': str(runs) if runs else '1w', 'peak': peak,
-            'resolved': block.method, 'memory_how': meter.how, 'others': others,
+            'resolved': resolved, 'memory_how': meter.how, 'others': others,
             'warmup_ms': [1e3 * t for t in warm_times]}
 
 
@@ -454,7 +498,7 @@ def run_all(args: argparse.Namespace, cases: list[Case]) -> tuple[list[list[str]
     tiled_ms_per_entry: dict[str, float] = {}  # measured tiled speed, to estimate skipped full-res cases
     tmp = tempfile.TemporaryDirectory(prefix='bench_nonlocal_')
     base = dict(device=args.device, repeats=args.repeats, warmup=args.warmup, budget_s=args.case_budget_s,
-                threads=args.threads)
+                threads=args.threads, level=args.level)
     for case in cases:
         for op in OPERATORS:
             if op not in args.operators:
@@ -586,6 +630,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help='operators to run at 1280x720 (comma-separated, all or none)')
     parser.add_argument('--cases', type=parse_cases, default=CASE_GROUPS,
                         help=f'comma-separated case groups out of {",".join(CASE_GROUPS)}, or all')
+    parser.add_argument('--level', choices=('block', 'operator'), default='block',
+                        help='block: a whole PIDEBlock (embeddings, 2 stages, 1x1 convs, batch norms); operator: '
+                             'one nonlocal_aggregate call, the part the efficient paths replace')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--malloc-mmap-threshold', type=int, default=None, metavar='BYTES',
                         help='set glibc MALLOC_MMAP_THRESHOLD_ in the measuring processes, so that freed blocks '
@@ -622,13 +669,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows, results = run_all(args, cases)
     elapsed = time.perf_counter() - start
 
-    print('# PIDEBlock forward+backward: efficient path (auto) vs dense kernel\n')
+    what = 'PIDEBlock' if args.level == 'block' else 'nonlocal_aggregate (one stage of the functional core)'
+    print(f'# {what} forward+backward: efficient path (auto) vs dense kernel\n')
     print('\n'.join(environment_lines(args)))
-    print('- sizes are W x H; N = W*H queries, M = keys after max-pool by `sub`; 2 stages, embed C/2, train mode')
+    print('- sizes are W x H; N = W*H queries, M = keys after max-pool by `sub`; embed C/2; '
+          + ('2 stages, train mode' if args.level == 'block' else 'one aggregate, no conv/BN/ReLU'))
     print(f'- CPU others: share of all CPUs busy with other processes during the timed runs; (!) above '
           f'{100 * CONTENTION_WARN:.0f}%: that time is inflated by contention')
     print('- runs: timed runs (median reported); 1w: the warm-up alone, as it exceeded --case-budget-s')
-    print('- fwd+bwd ms: median wall time; peak MB: memory growth over block + input + output grad (2^20 bytes);')
+    print(f'- fwd+bwd ms: median wall time; peak MB: memory growth over {args.level} + input + output grad '
+          '(2^20 bytes);')
     print('  ratios are dense/efficient (higher = efficient path better); max rel diff compares output and '
           'input gradient\n')
     print_table(rows)

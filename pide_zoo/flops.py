@@ -23,8 +23,8 @@ rest is mostly batch norm (2 per element here, 0 there) and the pointwise ops on
 :class:`~pide_zoo.layers.PIDEBlock` evaluates its kernel in one of several ways; the paper formed
 the dense N x M kernel once and applied it in every stage. :func:`count_flops` sets the method of
 every PIDE block for the count (``'dense'``: the paper's cost; ``'auto'``: this project's path,
-low rank for the dot-product diffusion kernel and tiled, with the kernel recomputed per stage,
-for the distance kernels).
+low rank for the dot-product diffusion kernel; for the distance kernels tiled, which forms the
+kernel once when one tile holds it and otherwise recomputes it per stage).
 """
 from __future__ import annotations
 

@@ -116,6 +116,16 @@ def test_tiled_block_recomputes_the_kernel_per_stage():
     assert tiled.by_operator()['bmm'] == s * (e * n * m + c * n * m)
 
 
+@pytest.mark.parametrize('operator', ['frac_laplacian', 'log'])
+def test_tiled_block_forms_a_single_tile_kernel_once(operator):
+    n, m, e, c, s = 64, 16, 4, 8, 2
+    for tile_size in (None, 64):  # the automatic tile (2^24 elements) and one of exactly N queries
+        block = _block(operator, tile_size=tile_size)
+        tiled = flop_analysis(block, (c, 8, 8), nonlocal_method='tiled').by_operator()
+        assert tiled['bmm'] == e * n * m + s * c * n * m
+        assert tiled == flop_analysis(block, (c, 8, 8), nonlocal_method='dense').by_operator()
+
+
 @pytest.mark.parametrize('kwargs', [dict(operator='diffusion', kernel='gaussian'),
                                     dict(operator='diffusion', normalizer='rowsum'),
                                     dict(operator='log', normalizer='rowsum', tile_size=16),

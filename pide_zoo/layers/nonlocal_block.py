@@ -19,6 +19,7 @@ from .pide_ops import (
     check_tile_size,
     nonlocal_aggregate,
     pide_kernel,
+    query_tile,
     resolve_method,
     resolve_operator,
 )
@@ -26,10 +27,11 @@ from .pide_ops import (
 __all__ = ['PIDEBlock']
 
 # Leaves for torch.fx: shape-dependent Python (validation, tiling) stays out of traced graphs.
-torch.fx.wrap('nonlocal_aggregate')
-torch.fx.wrap('pide_kernel')
-torch.fx.wrap('apply_kernel')
 torch.fx.wrap('_check_input')
+torch.fx.wrap('nonlocal_aggregate')
+torch.fx.wrap('_shared_kernel')
+torch.fx.wrap('_shared_rowsum')
+torch.fx.wrap('_stage_aggregate')
 
 
 def _check_input(x: Tensor, channels: int, subsample: int) -> None:
@@ -40,6 +42,34 @@ def _check_input(x: Tensor, channels: int, subsample: int) -> None:
     if x.shape[2] < subsample or x.shape[3] < subsample:
         raise ValueError(
             f'x spatial size {tuple(x.shape[2:])} must be at least subsample={subsample} in each dimension')
+
+
+def _shared_kernel(theta: Tensor, phi: Tensor, *, method: str, tile_size: Optional[int], operator: str,
+                   s: Optional[float], n: int, lam: float, kernel: str) -> Tensor:
+    """The (B, N, M) kernel all stages reuse, or an empty tensor where each stage evaluates its own.
+
+    'dense' always forms it (the paper's way). 'tiled' forms it when one tile holds every query:
+    per-stage tiles would then recompute the same kernel and keep one copy per stage for backward.
+    """
+    b, _, n_query = theta.shape
+    if method == 'dense' or (method == 'tiled' and n_query <= query_tile(b, phi.shape[2], tile_size)):
+        return pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
+    return theta.new_zeros(0)
+
+
+def _shared_rowsum(kern: Tensor, *, operator: str, normalizer: Union[str, float]) -> Tensor:
+    """Row sums (B, N) of a shared kernel where the operator or normalizer needs them, else empty."""
+    if kern.dim() == 3 and (operator in ('diffusion', 'frac_laplacian') or normalizer == 'rowsum'):
+        return kern.sum(2)
+    return kern.new_zeros(0)
+
+
+def _stage_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Tensor, rowsum: Tensor,
+                     **kw) -> Tensor:
+    if kern.dim() == 3:
+        return apply_kernel(kern, v_query, v_key, operator=kw['operator'], normalizer=kw['normalizer'],
+                            rowsum=rowsum if rowsum.dim() == 2 else None).to(v_query.dtype)
+    return nonlocal_aggregate(theta, phi, v_query, v_key, **kw)
 
 
 def _positive_int(name: str, value) -> int:
@@ -71,7 +101,9 @@ class PIDEBlock(nn.Module):
         kernel: ``'dot'`` or ``'gaussian'`` (diffusion only).
         symmetric: use theta on both sides of the kernel (no phi).
         normalizer: ``'key'`` (M, default), ``'query'``, ``'rowsum'`` or a number.
-        method: ``'auto'``, ``'lowrank'``, ``'tiled'`` or ``'dense'``.
+        method: ``'auto'`` (low rank for the dot diffusion kernel, else tiled), ``'lowrank'``, ``'tiled'``
+            or ``'dense'`` (the N x M kernel formed once, as the paper). The tiled path also forms the
+            kernel once for all stages when a single tile holds every query position.
         tile_size: query positions per tile of the tiled path.
         norm_layer: normalisation after each K_k.
         act_layer: activation after the normalisation.
@@ -158,21 +190,20 @@ class PIDEBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.channels, self.subsample)
         theta, phi = self.embed(x)
-        kw = dict(operator=self.operator, normalizer=self.normalizer)
-        # The dense path is the paper's: the kernel is formed once and reused by every stage.
+        kernel_kw = dict(operator=self.operator, s=self.s, n=self.n, lam=self.lam, kernel=self.kernel)
         kern = rowsum = None
-        if self.method == 'dense':
-            kern = pide_kernel(theta, phi, operator=self.operator, s=self.s, n=self.n, lam=self.lam,
-                               kernel=self.kernel)
-            if self.operator in ('diffusion', 'frac_laplacian') or self.normalizer == 'rowsum':
-                rowsum = kern.sum(2)  # once for all stages
+        if self.method != 'lowrank':
+            # Formed once from X and reused by every stage where that is the cheaper way.
+            kern = _shared_kernel(theta, phi, method=self.method, tile_size=self.tile_size, **kernel_kw)
+            rowsum = _shared_rowsum(kern, operator=self.operator, normalizer=self.normalizer)
         out = x
         for conv, norm in zip(self.convs, self.norms):
             v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
-            if kern is not None:
-                agg = apply_kernel(kern, v_query, v_key, rowsum=rowsum, **kw).to(v_query.dtype)
+            if kern is None:
+                agg = nonlocal_aggregate(theta, phi, v_query, v_key, normalizer=self.normalizer,
+                                         method=self.method, **kernel_kw)
             else:
-                agg = nonlocal_aggregate(theta, phi, v_query, v_key, s=self.s, n=self.n, lam=self.lam,
-                                         kernel=self.kernel, method=self.method, tile_size=self.tile_size, **kw)
+                agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
+                                       method=self.method, tile_size=self.tile_size, **kernel_kw)
             out = x + self.h * self.act(norm(conv(agg.view_as(x))))
         return out

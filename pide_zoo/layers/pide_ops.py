@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     'OPERATORS', 'OPERATOR_ALIASES', 'KERNELS', 'NORMALIZERS', 'METHODS', 'EULER_GAMMA',
     'resolve_operator', 'default_s', 'check_s', 'check_normalizer', 'check_tile_size', 'pide_constant',
-    'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method',
+    'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method', 'query_tile',
 ]
 
 OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
@@ -231,6 +231,11 @@ def check_tile_size(tile_size: Optional[int]) -> Optional[int]:
     return tile_size
 
 
+def query_tile(batch: int, keys: int, tile_size: Optional[int] = None) -> int:
+    """Query positions per tile of the tiled path: ``tile_size``, or as many as keep a tile near 2^24 elements."""
+    return check_tile_size(tile_size) or max(1, _TILE_ELEMENTS // max(1, batch * keys))
+
+
 def resolve_method(method: str, operator: str, kernel: str) -> str:
     """The evaluation path ``'auto'`` stands for: low rank for the dot diffusion kernel, else tiled."""
     if method not in METHODS:
@@ -335,7 +340,7 @@ def nonlocal_aggregate(
         kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
         out = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=normalizer)
     else:
-        tile_size = check_tile_size(tile_size) or max(1, _TILE_ELEMENTS // max(1, b * m))
+        tile_size = query_tile(b, m, tile_size)
         args = (operator, s, n, lam, kernel, normalizer, n_query)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, v_query, v_key))
         tiles = []
