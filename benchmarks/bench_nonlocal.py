@@ -219,12 +219,12 @@ class PeakMeter:
         return max(0, (hwm if hwm is not None else _maxrss_bytes()) - self.base)
 
 
-def operator_stage(channels: int, *, operator: str, subsample: int, method: str) -> Any:
-    """The functional core alone: one ``nonlocal_aggregate`` with fixed embeddings made from the input.
+def operator_stage(case: Case, *, operator: str, method: str) -> Any:
+    """The functional core alone: ``nonlocal_aggregate(theta, phi, X, pool(X))`` with the embeddings as leaves.
 
-    theta and phi are fixed random projections of X (E = C/2; phi max-pooled like the block's keys), so
-    the gradient flows into X through the values and both embeddings, as in the block, but no
-    convolution, batch norm or activation of the block is timed or held.
+    theta (B, C/2, N) and phi (B, C/2, M) are parameters, so forward+backward computes the gradients the
+    block would send into its embeddings and values, but no convolution, batch norm or activation of
+    the block is timed or held.
     """
     import torch
     import torch.nn.functional as F
@@ -234,18 +234,17 @@ def operator_stage(channels: int, *, operator: str, subsample: int, method: str)
     class OperatorStage(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            e = channels // 2
-            self.register_buffer('w_theta', torch.randn(e, channels) * (2 / channels) ** 0.5)
-            self.register_buffer('w_phi', torch.randn(e, channels) * (2 / channels) ** 0.5)
-
-        def keys(self, t):
-            return (F.max_pool2d(t, subsample) if subsample > 1 else t).flatten(2)
+            e = case.channels // 2
+            self.theta = torch.nn.Parameter(torch.randn(case.batch, e, case.queries))
+            self.phi = torch.nn.Parameter(torch.randn(case.batch, e, case.keys))
 
         def forward(self, x):
-            v = x.flatten(2)
-            theta = torch.einsum('ec,bcn->ben', self.w_theta, v)
-            phi = self.keys(torch.einsum('ec,bchw->behw', self.w_phi, x))
-            return nonlocal_aggregate(theta, phi, v, self.keys(x), operator=operator, lam=0.1,
+            keys = F.max_pool2d(x, case.subsample) if case.subsample > 1 else x
+            theta, phi = self.theta, self.phi
+            if x.shape[2:] != (case.height, case.width):  # the warm-up's tiny input
+                n, m = x.shape[2] * x.shape[3], keys.shape[2] * keys.shape[3]
+                theta, phi = theta[:x.shape[0], :, :n], phi[:x.shape[0], :, :m]
+            return nonlocal_aggregate(theta, phi, x.flatten(2), keys.flatten(2), operator=operator, lam=0.1,
                                       method=method).view_as(x)
 
     return OperatorStage()
@@ -270,7 +269,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         block.train()
         resolved = block.method
     else:
-        block = operator_stage(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method).to(device)
+        block = operator_stage(c, operator=spec.operator, method=spec.method).to(device)
         resolved = resolve_method(spec.method, spec.operator, 'dot')
     x = torch.randn(c.batch, c.channels, c.height, c.width, device=device, requires_grad=True)
     # A random cotangent: out.sum() would send almost nothing back through the batch norms.

@@ -107,7 +107,8 @@ SEG_IMG_SIZE = (90, 160)
 # Arithmetic pointwise ops: zero-cost by fvcore's convention, countable with ``elementwise``.
 POINTWISE_OPS = (
     'aten::add', 'aten::add_', 'aten::sub', 'aten::sub_', 'aten::rsub', 'aten::mul', 'aten::mul_',
-    'aten::div', 'aten::div_', 'aten::neg', 'aten::pow', 'aten::log', 'aten::exp', 'aten::sqrt',
+    'aten::div', 'aten::div_', 'aten::addcmul', 'aten::addcmul_', 'aten::neg', 'aten::pow', 'aten::log',
+    'aten::exp', 'aten::sqrt',
     'aten::rsqrt', 'aten::reciprocal', 'aten::abs', 'aten::square', 'aten::clamp_min', 'aten::clamp_max',
     'aten::sigmoid', 'aten::tanh', 'aten::silu', 'aten::gelu', 'aten::hardswish', 'aten::hardsigmoid',
     'aten::softmax',
