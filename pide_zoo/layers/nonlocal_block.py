@@ -28,7 +28,6 @@ __all__ = ['PIDEBlock']
 
 # Leaves for torch.fx: shape-dependent Python (validation, tiling) stays out of traced graphs.
 torch.fx.wrap('_check_input')
-torch.fx.wrap('nonlocal_aggregate')
 torch.fx.wrap('_shared_kernel')
 torch.fx.wrap('_shared_rowsum')
 torch.fx.wrap('_stage_aggregate')
@@ -46,7 +45,8 @@ def _check_input(x: Tensor, channels: int, subsample: int) -> None:
 
 def _shared_kernel(theta: Tensor, phi: Tensor, *, method: str, tile_size: Optional[int], operator: str,
                    s: Optional[float], n: int, lam: float, kernel: str) -> Tensor:
-    """The (B, N, M) kernel all stages reuse, or an empty tensor where each stage evaluates its own.
+    """The (B, N, M) kernel all stages reuse, or an empty tensor (not None: torch.fx traces this call as
+    a leaf, so the caller cannot branch on its result) where each stage evaluates its own.
 
     'dense' always forms it (the paper's way). 'tiled' forms it when one tile holds every query:
     per-stage tiles would then recompute the same kernel and keep one copy per stage for backward.
@@ -64,9 +64,10 @@ def _shared_rowsum(kern: Tensor, *, operator: str, normalizer: Union[str, float]
     return kern.new_zeros(0)
 
 
-def _stage_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Tensor, rowsum: Tensor,
-                     **kw) -> Tensor:
-    if kern.dim() == 3:
+def _stage_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Optional[Tensor],
+                     rowsum: Optional[Tensor], **kw) -> Tensor:
+    """One stage's aggregate: with the shared kernel where there is one, else by ``kw['method']``."""
+    if kern is not None and kern.dim() == 3:
         return apply_kernel(kern, v_query, v_key, operator=kw['operator'], normalizer=kw['normalizer'],
                             rowsum=rowsum if rowsum.dim() == 2 else None).to(v_query.dtype)
     return nonlocal_aggregate(theta, phi, v_query, v_key, **kw)
@@ -199,11 +200,7 @@ class PIDEBlock(nn.Module):
         out = x
         for conv, norm in zip(self.convs, self.norms):
             v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
-            if kern is None:
-                agg = nonlocal_aggregate(theta, phi, v_query, v_key, normalizer=self.normalizer,
-                                         method=self.method, **kernel_kw)
-            else:
-                agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
-                                       method=self.method, tile_size=self.tile_size, **kernel_kw)
+            agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
+                                   method=self.method, tile_size=self.tile_size, **kernel_kw)
             out = x + self.h * self.act(norm(conv(agg.view_as(x))))
         return out
