@@ -293,31 +293,31 @@ def measure(spec: Spec) -> dict[str, Any]:
     block(tiny).sum().backward()
     block.zero_grad(set_to_none=True)
     del tiny
+    def timed(count: int) -> tuple[list[float], Any]:
+        out, times = None, []
+        for _ in range(count):
+            out = None  # drop the previous output before the next step allocates its own
+            sync()
+            t0 = time.perf_counter()
+            out = step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times, out
+
     meter = PeakMeter(device)
-    out = None
-    warm_times = []
     warm_contention = CpuContention()
-    for _ in range(spec.warmup):
-        out = None  # drop the previous output before the next step allocates its own
-        sync()
-        t0 = time.perf_counter()
-        out = step()
-        sync()
-        warm_times.append(time.perf_counter() - t0)
+    warm_times, out = timed(spec.warmup)
     warm_contention = warm_contention.fraction()
     per_run = min(warm_times) if warm_times else 0.0
     runs = spec.repeats if per_run == 0.0 else min(spec.repeats, int(spec.budget_s // max(per_run, 1e-6)))
     # A warm-up longer than the whole budget is itself the measurement: its one-off costs (milliseconds)
     # vanish next to a run of minutes, and a second run would double the benchmark's length.
-    times = [] if runs else warm_times[-1:]
     contention = CpuContention()
-    for _ in range(runs):
+    if runs:
         out = None
-        sync()
-        t0 = time.perf_counter()
-        out = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        times, out = timed(runs)
+    else:
+        times = warm_times[-1:]
     peak = meter.peak()
     others = contention.fraction() if runs else warm_contention
     if spec.save_path:
