@@ -1,44 +1,44 @@
-"""Speed and memory of the PIDE nonlocal block: the efficient paths against the paper's dense kernel.
+"""Speed and memory of the PIDE nonlocal block: the efficient paths against the paper's dense kernel and peers.
 
 For each operator (diffusion, fractional Laplacian, inverse fractional Laplacian, log kernel) and
 feature-map sizes from Bohn, Griebel & Kannan (2021), this times one forward+backward pass of a
 :class:`pide_zoo.layers.PIDEBlock` (two stages, default hyper-parameters, training mode) and
-measures its peak memory, with ``method='auto'`` (low rank for the diffusion dot kernel; query
-tiles with activation checkpointing for the distance kernels, or one kernel for both stages where a
-single tile holds it) and with ``method='dense'`` (the full
-N x M kernel, as the paper computed it), side by side in the same run. ``--level operator`` times
-one call of the functional core ``nonlocal_aggregate`` instead (embeddings fixed projections of the
-input, no convolution, batch norm or activation): the part of the block the two paths differ in.
-Cases:
+measures its peak memory, with ``method='auto'`` and with ``method='dense'`` (the full N x M kernel,
+as the paper computed it), side by side in the same run. ``'auto'`` resolves to ``'lowrank'`` for the
+dot diffusion kernel (O(N E C), the kernel never formed) and to the fused tiled evaluation otherwise
+(query tiles of the kernel in an autograd Function with a hand-written backward: each tile evaluated
+once forward and once backward, only the embeddings, values and O(B N) statistics saved); the table
+names the resolved path. ``--level operator`` times one call of the functional core
+``nonlocal_aggregate`` instead (embeddings fixed projections of the input, no convolution, batch norm
+or activation): the part of the block the paths differ in. Cases (``--cases``):
 
-* CIFAR-10 ResNet units: 32x32 C=32, 16x16 C=64, 8x8 C=112, key subsample 2, batch ``--cifar-batch``
-  (default 8: on CPU a training batch would take minutes per case);
-* BDD100K 160x90 (W x H) C=112, batch ``--bdd-batch`` (default 8), subsample 3;
-* BDD100K 160x90 C=112, batch 8, subsample 1, distance kernels only: dense needs several copies of a
-  B*N*M float32 kernel (6.6 GB each) and runs only within ``--max-dense-gb``;
-* BDD100K at full resolution 1280x720, batch 1, C=112, subsample 3, efficient path only, for the
-  operators in ``--full-res-ops`` (default diffusion; the tiled distance kernels are slow on a CPU).
+* ``cifar``: CIFAR-10 ResNet units: 32x32 C=32, 16x16 C=64, 8x8 C=112, key subsample 2, batch
+  ``--cifar-batch`` (default 8: on CPU a training batch would take minutes per case);
+* ``bdd``: BDD100K 160x90 (W x H) C=112, batch ``--bdd-batch`` (default 8), subsample 3;
+* ``bdd_sub1``: BDD100K 160x90 C=112, batch 8, subsample 1, distance kernels only: dense needs several
+  copies of a B*N*M float32 kernel (6.6 GB each) and runs only within ``--max-dense-gb``;
+* ``full_res``: BDD100K at full resolution 1280x720, batch 1, C=112, subsample 3, efficient path only,
+  for the operators in ``--full-res-ops`` (default diffusion; ``all`` for every operator);
+* ``peers`` (not in ``all``): the PIDE block of each operator (efficient path, keys pooled by
+  ``--peer-subsample``) against mmcv's ``NonLocal2d`` (``embedded_gaussian`` and ``dot_product``,
+  ``sub_sample=True``: keys max-pooled by 2) and timm's ``NonLocalAttn`` (no key pooling) on the same
+  BDD 160x90 C=112 input, batch ``--bdd-batch``, training mode, with their parameter counts. Peers
+  whose N x M attention is predicted beyond ``--max-dense-gb`` are skipped and say so.
 
-How it measures:
-
-* each (case, operator, method) runs in a fresh spawned process, so that allocator caches and
-  high-water marks of one measurement cannot hide or inflate the next (``--in-process`` trades that
-  for speed; ``--quick`` implies it);
-* time: median wall time of forward+backward over ``--repeats`` runs after ``--warmup`` runs; fewer
-  runs (at least one) where they would exceed ``--case-budget-s``; the ``runs`` column says how many;
-* peak memory: growth over what the block, the input and the output gradient already hold, that is
-  activations, kernels and gradients of one training step. CPU: the resident high-water mark VmHWM,
-  reset through /proc/self/clear_refs once the inputs are built (fallback: ru_maxrss minus the
-  resident size then); torch's CPU allocations are invisible to tracemalloc. CUDA:
-  torch.cuda.max_memory_allocated after reset_peak_memory_stats. MB means 2**20 bytes;
-* agreement: output and input gradient of the two methods (same seed, same weights) are compared, as
-  max |efficient - dense| / max |dense|.
+How it measures (``harness.py``): each measurement in a fresh spawned process (``--in-process`` trades
+that for speed; ``--quick`` implies it); median wall time of forward+backward over ``--repeats`` runs
+after ``--warmup`` runs, fewer where they would exceed ``--case-budget-s`` (the ``runs`` column says how
+many); peak memory as growth over what the block, the input and the output gradient already hold,
+from the resident high-water mark (CPU) or ``torch.cuda.max_memory_allocated``, MB = 2**20 bytes;
+agreement of the efficient and the dense path (same seed, same weights) as
+max |efficient - dense| / max |dense| over the output and the input gradient.
 
 Run from the repository root:
 
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --quick            # smoke test, tiny sizes
     PYTHONPATH=. python benchmarks/bench_nonlocal.py | tee bench.txt    # full sizes on CPU
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --level operator --cases bdd,full_res
+    PYTHONPATH=. python benchmarks/bench_nonlocal.py --cases peers
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --device cuda --cifar-batch 128 --full-res-ops all
     PYTHONPATH=. python benchmarks/bench_nonlocal.py --cases bdd --operators diffusion --wait-idle-s 300
 
@@ -49,38 +49,58 @@ how busy the CPUs were, and ``--wait-idle-s`` waits for quiet before each measur
 from __future__ import annotations
 
 import argparse
-import gc
-import multiprocessing as mp
 import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Optional
 
-try:
-    import resource
-except ImportError:  # not on Windows; only the fallback memory reading needs it
-    resource = None
+from harness import (
+    CONTENTION_WARN,
+    GIB,
+    MIB,
+    add_harness_args,
+    default_memory_budget_gb,
+    ensure_repo_on_path,
+    environment_lines,
+    fmt_duration,
+    fmt_num,
+    fmt_pct,
+    fmt_ratio,
+    measure_step,
+    print_table,
+    progress,
+    run_isolated,
+    setup,
+    verdict,
+    wait_for_idle,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
 DISTANCE_OPERATORS = OPERATORS[1:]
-# Case groups for --cases: CIFAR units, BDD100K 160x90 (sub 3 and sub 1), BDD100K at 1280x720.
+# Case groups for --cases: CIFAR units, BDD100K 160x90 (sub 3 and sub 1), BDD100K at 1280x720; 'all' means
+# these. 'peers' compares with other libraries' nonlocal blocks and is asked for by name.
 CASE_GROUPS = ('cifar', 'bdd', 'bdd_sub1', 'full_res')
-MIB = 2 ** 20
-GIB = 2 ** 30
+EXTRA_GROUPS = ('peers',)
+# Other libraries' nonlocal blocks: (library class, mode or '' , keys max-pooled by).
+PEERS = {
+    'mmcv_embedded_gaussian': ('mmcv NonLocal2d', 'embedded_gaussian', 2),
+    'mmcv_dot_product': ('mmcv NonLocal2d', 'dot_product', 2),
+    'timm_nonlocal': ('timm NonLocalAttn', '', 1),
+}
 # Live B x N x M float32 tensors at the dense path's peak, measured with this script at 40x40, B=8:
 # about 3.8 (diffusion) and 5-6 (distance kernels: squared distance, mask, kernel and their gradients).
 DENSE_KERNEL_COPIES = {'diffusion': 4, 'frac_laplacian': 6, 'inv_frac_laplacian': 6, 'log': 6}
-# CPU share taken by other processes during the timed runs above which the row's time is flagged.
-CONTENTION_WARN = 0.1
-TARGET_SPEEDUP = 10.0
-TARGET_MEMORY_RATIO = 10.0
-TARGET_TILED_PEAK_MB = 4096.0
+# The peers' softmax or scaled attention: the product, the attention kept for backward and their gradients.
+PEER_KERNEL_COPIES = 4
+# Issue 10's targets at BDD 160x90, batch 8, C=112, pool 3 (CPU, forward+backward).
+TARGET_OP_SPEEDUP = 2.5  # operator level, each distance kernel: dense time / fused time
+TARGET_OP_MEMORY = 3.0  # ... and dense / fused peak-memory growth
+TARGET_BLOCK_SPEEDUP = 1.5  # block level, each distance kernel
+TARGET_BLOCK_MEMORY = 2.0
+TARGET_SUB1_PEAK_MB = 1.5 * 1024  # block, pool 1, default allocator
+# Diffusion no slower than before the fused path: its speed-up over dense measured then (README, same sizes).
+TARGET_DIFFUSION_SPEEDUP = {'operator': 18.0, 'block': 4.5}
 
 
 @dataclass(frozen=True)
@@ -101,19 +121,19 @@ class Case:
     def queries(self) -> int:
         return self.height * self.width
 
-    @property
-    def keys(self) -> int:
-        # MaxPool2d(subsample) floors each side.
-        return (self.height // self.subsample) * (self.width // self.subsample)
+    def keys(self, pool: Optional[int] = None) -> int:
+        # MaxPool2d floors each side.
+        pool = self.subsample if pool is None else pool
+        return (self.height // pool) * (self.width // pool)
 
-    def kernel_bytes(self) -> int:
+    def kernel_bytes(self, pool: Optional[int] = None) -> int:
         """Bytes of one float32 B x N x M kernel."""
-        return 4 * self.batch * self.queries * self.keys
+        return 4 * self.batch * self.queries * self.keys(pool)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One measurement, sent to a child process."""
+    """One measurement, sent to a child process. ``model`` is ``'pide'`` or a key of :data:`PEERS`."""
 
     case: Case
     operator: str
@@ -125,99 +145,21 @@ class Spec:
     threads: Optional[int]
     save_path: Optional[str]
     level: str = 'block'
+    model: str = 'pide'
+
+
+def peer_memory_bytes(case: Case, model: str) -> int:
+    """Predicted peak of a peer's N x M attention (the term that grows quadratically)."""
+    return PEER_KERNEL_COPIES * case.kernel_bytes(PEERS[model][2])
+
+
+def dense_memory_bytes(case: Case, operator: str) -> int:
+    return DENSE_KERNEL_COPIES[operator] * case.kernel_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
 # Measurement (runs in the child process)
 # ---------------------------------------------------------------------------------------------
-
-def _status_bytes(field: str) -> Optional[int]:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is no /proc."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _maxrss_bytes() -> int:
-    if resource is None:
-        return 0
-    # ru_maxrss is in kB on Linux and in bytes on macOS.
-    scale = 1 if sys.platform == 'darwin' else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-class CpuContention:
-    """Share of the machine's CPUs that other processes used since construction (Linux; None elsewhere).
-
-    The median time is only meaningful on an otherwise idle machine; this says whether it was.
-    """
-
-    def __init__(self) -> None:
-        self.start = self._snapshot()
-
-    @staticmethod
-    def _snapshot() -> Optional[tuple[int, float, float]]:
-        try:
-            with open('/proc/stat') as f:
-                ticks = [int(v) for v in f.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        own = os.times()
-        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait, summed over CPUs
-        return busy, (own.user + own.system) * os.sysconf('SC_CLK_TCK'), time.monotonic()
-
-    def fraction(self) -> Optional[float]:
-        end = self._snapshot()
-        if self.start is None or end is None or end[2] <= self.start[2]:
-            return None
-        capacity = (end[2] - self.start[2]) * os.sysconf('SC_CLK_TCK') * (os.cpu_count() or 1)
-        return max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / capacity)
-
-
-class PeakMeter:
-    """Peak memory growth from construction on, for the CPU (resident memory) or a CUDA device."""
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self.cuda = device.type == 'cuda'
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            self.device = device
-            self.base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.how = 'torch.cuda.max_memory_allocated'
-            return
-        rss = _status_bytes('VmRSS')
-        self.hwm_reset = False
-        if rss is not None:
-            try:
-                # Writing 5 resets the peak resident size (Linux >= 4.0), so earlier peaks
-                # (imports, input construction) cannot mask this measurement's.
-                with open('/proc/self/clear_refs', 'w') as f:
-                    f.write('5')
-                self.hwm_reset = True
-            except OSError:
-                pass
-        self.base = rss if rss is not None else _maxrss_bytes()
-        self.how = 'VmHWM after clear_refs' if self.hwm_reset else 'ru_maxrss - baseline RSS'
-
-    def peak(self) -> int:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        hwm = _status_bytes('VmHWM') if self.hwm_reset else None
-        return max(0, (hwm if hwm is not None else _maxrss_bytes()) - self.base)
-
 
 def operator_stage(case: Case, *, operator: str, method: str) -> Any:
     """The functional core alone: ``nonlocal_aggregate(theta, phi, X, pool(X))`` with the embeddings as leaves.
@@ -236,7 +178,7 @@ def operator_stage(case: Case, *, operator: str, method: str) -> Any:
             super().__init__()
             e = case.channels // 2
             self.theta = torch.nn.Parameter(torch.randn(case.batch, e, case.queries))
-            self.phi = torch.nn.Parameter(torch.randn(case.batch, e, case.keys))
+            self.phi = torch.nn.Parameter(torch.randn(case.batch, e, case.keys()))
 
         def forward(self, x):
             keys = F.max_pool2d(x, case.subsample) if case.subsample > 1 else x
@@ -251,34 +193,46 @@ def operator_stage(case: Case, *, operator: str, method: str) -> Any:
     return OperatorStage()
 
 
-def measure(spec: Spec) -> dict[str, Any]:
-    """Time forward+backward of one PIDEBlock and read its peak memory; see the module docstring."""
-    import torch
+def build_module(spec: Spec) -> tuple[Any, str]:
+    """The module ``spec`` measures and the name of its evaluation path."""
+    c = spec.case
+    if spec.model in PEERS:
+        library, mode, _ = PEERS[spec.model]
+        if library.startswith('mmcv'):
+            from mmcv.cnn import NonLocal2d
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+            return NonLocal2d(c.channels, mode=mode, sub_sample=True), mode
+        from timm.layers import NonLocalAttn
+
+        return NonLocalAttn(c.channels), 'embedded gaussian'
+    if spec.model != 'pide':
+        raise ValueError(f'model must be pide or one of {tuple(PEERS)}, got {spec.model!r}')
     from pide_zoo.layers.nonlocal_block import PIDEBlock
     from pide_zoo.layers.pide_ops import resolve_method
 
+    if spec.level == 'block':
+        block = PIDEBlock(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method)
+        return block, block.method
+    return operator_stage(c, operator=spec.operator, method=spec.method), resolve_method(spec.method, spec.operator,
+                                                                                          'dot')
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Time forward+backward of one block (or operator) and read its peak memory; see the module docstring."""
+    import torch
+
+    ensure_repo_on_path()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     c = spec.case
     torch.manual_seed(0)  # same weights and inputs for both methods, so their outputs can be compared
-    if spec.level == 'block':
-        block = PIDEBlock(c.channels, operator=spec.operator, subsample=c.subsample, method=spec.method).to(device)
-        block.train()
-        resolved = block.method
-    else:
-        block = operator_stage(c, operator=spec.operator, method=spec.method).to(device)
-        resolved = resolve_method(spec.method, spec.operator, 'dot')
+    block, resolved = build_module(spec)
+    block = block.to(device).train()
+    params = sum(p.numel() for p in block.parameters())
     x = torch.randn(c.batch, c.channels, c.height, c.width, device=device, requires_grad=True)
     # A random cotangent: out.sum() would send almost nothing back through the batch norms.
     grad_out = torch.randn_like(x)
-
-    def sync() -> None:
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
 
     def step() -> Any:
         block.zero_grad(set_to_none=True)
@@ -289,72 +243,16 @@ def measure(spec: Spec) -> dict[str, Any]:
 
     # One pass on a minimal input first: the one-off lazy set-up of the math libraries (thread pools,
     # kernel caches) would otherwise be charged to whichever measurement comes first.
-    tiny = torch.randn(2, c.channels, 2 * c.subsample, 2 * c.subsample, device=device, requires_grad=True)
+    side = 2 * max(c.subsample, 2)
+    tiny = torch.randn(2, c.channels, side, side, device=device, requires_grad=True)
     block(tiny).sum().backward()
     block.zero_grad(set_to_none=True)
     del tiny
-    def timed(count: int) -> tuple[list[float], Any]:
-        out, times = None, []
-        for _ in range(count):
-            out = None  # drop the previous output before the next step allocates its own
-            sync()
-            t0 = time.perf_counter()
-            out = step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return times, out
-
-    meter = PeakMeter(device)
-    warm_contention = CpuContention()
-    warm_times, out = timed(spec.warmup)
-    warm_contention = warm_contention.fraction()
-    per_run = min(warm_times) if warm_times else 0.0
-    runs = spec.repeats if per_run == 0.0 else min(spec.repeats, int(spec.budget_s // max(per_run, 1e-6)))
-    # A warm-up longer than the whole budget is itself the measurement: its one-off costs (milliseconds)
-    # vanish next to a run of minutes, and a second run would double the benchmark's length.
-    contention = CpuContention()
-    if runs:
-        out = None
-        times, out = timed(runs)
-    else:
-        times = warm_times[-1:]
-    peak = meter.peak()
-    others = contention.fraction() if runs else warm_contention
+    result = measure_step(step, device, warmup=spec.warmup, repeats=spec.repeats, budget_s=spec.budget_s)
+    out = result.pop('out')
     if spec.save_path:
         torch.save({'out': out.detach().cpu(), 'grad': x.grad.detach().cpu()}, spec.save_path)
-    return {'ms': 1e3 * statistics.median(times), 'runs': str(runs) if runs else '1w', 'peak': peak,
-            'resolved': resolved, 'memory_how': meter.how, 'others': others,
-            'warmup_ms': [1e3 * t for t in warm_times]}
-
-
-def _child(spec: Spec, conn: Any) -> None:
-    try:
-        result = measure(spec)
-    except Exception as exc:  # reported in the table instead of ending the whole benchmark
-        result = {'error': f'{type(exc).__name__}: {exc}'.splitlines()[0][:100]}
-    conn.send(result)
-    conn.close()
-
-
-def run_spec(spec: Spec, in_process: bool) -> dict[str, Any]:
-    if in_process:
-        try:
-            return measure(spec)
-        except Exception as exc:
-            return {'error': f'{type(exc).__name__}: {exc}'.splitlines()[0][:100]}
-    ctx = mp.get_context('spawn')  # fork would share the parent's heap and high-water mark
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(spec, sender))
-    proc.start()
-    sender.close()
-    try:
-        result = receiver.recv()
-    except EOFError:
-        result = None
-    proc.join()
-    if result is None:
-        why = ' (killed: out of memory?)' if proc.exitcode == -9 else ''
-        result = {'error': f'child process died, exit code {proc.exitcode}{why}'}
+    result.update(resolved=resolved, params=params)
     return result
 
 
@@ -366,19 +264,21 @@ def max_rel_diff(path_a: str, path_b: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cases, table and targets (parent process)
+# Cases, tables and targets (parent process)
 # ---------------------------------------------------------------------------------------------
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
     ops = tuple(args.operators)
     dist = tuple(o for o in ops if o in DISTANCE_OPERATORS)
-    cb, bb = args.cifar_batch, args.bdd_batch
+    full = tuple(o for o in ops if o in args.full_res_ops)
+    cb, bb, ps = args.cifar_batch, args.bdd_batch, args.peer_subsample
     if args.quick:
         return [
             Case(f'tiny 8x8 B={cb} C=8 sub 2', cb, 8, 8, 8, 2, ops, role='cifar'),
             Case(f'tiny 20x12 B={bb} C=16 sub 3', bb, 16, 12, 20, 3, ops, role='bdd'),
             Case(f'tiny 20x12 B={bb} C=16 sub 1', bb, 16, 12, 20, 1, dist, role='bdd_sub1'),
-            Case('tiny 64x36 B=1 C=16 sub 3', 1, 16, 36, 64, 3, ops, dense=False, role='full_res'),
+            Case('tiny 64x36 B=1 C=16 sub 3', 1, 16, 36, 64, 3, full, dense=False, role='full_res'),
+            Case(f'tiny 20x12 B={bb} C=16', bb, 16, 12, 20, ps, ops, dense=False, role='peers'),
         ]
     return [
         Case(f'CIFAR 32x32 B={cb} C=32 sub 2', cb, 32, 32, 32, 2, ops, role='cifar'),
@@ -386,163 +286,61 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         Case(f'CIFAR 8x8 B={cb} C=112 sub 2', cb, 112, 8, 8, 2, ops, role='cifar'),
         Case(f'BDD 160x90 B={bb} C=112 sub 3', bb, 112, 90, 160, 3, ops, role='bdd'),
         Case(f'BDD 160x90 B={bb} C=112 sub 1', bb, 112, 90, 160, 1, dist, role='bdd_sub1'),
-        Case('BDD 1280x720 B=1 C=112 sub 3', 1, 112, 720, 1280, 3, ops, dense=False, role='full_res'),
+        Case('BDD 1280x720 B=1 C=112 sub 3', 1, 112, 720, 1280, 3, full, dense=False, role='full_res'),
+        Case(f'BDD 160x90 B={bb} C=112', bb, 112, 90, 160, ps, ops, dense=False, role='peers'),
     ]
-
-
-def default_dense_budget_gb(device: str) -> float:
-    """Half of the memory available now: dense beyond that would swap or be killed."""
-    if device.startswith('cuda'):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return free / GIB / 2
-    try:
-        with open('/proc/meminfo') as f:
-            info = {line.split(':')[0]: int(line.split()[1]) for line in f}
-        return info['MemAvailable'] * 1024 / GIB / 2
-    except (OSError, KeyError, ValueError):
-        return 4.0
-
-
-def environment_lines(args: argparse.Namespace) -> list[str]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith('cuda') else cpu
-    threads = args.threads or torch.get_num_threads()
-    malloc = os.environ.get('MALLOC_MMAP_THRESHOLD_')
-    malloc = f'MALLOC_MMAP_THRESHOLD_={malloc}' if malloc else 'default malloc settings'
-    isolation = ('in-process (peak MB unreliable: memory freed by earlier cases is reused unseen)' if args.in_process
-                 else 'one spawned process per measurement')
-    return [
-        f'- date: {time.strftime("%Y-%m-%d %H:%M:%S")}; command: `{" ".join([Path(sys.argv[0]).name] + sys.argv[1:])}`',
-        f'- torch {torch.__version__}, python {platform.python_version()}, device {args.device} ({dev}), '
-        f'{threads} CPU threads, {os.cpu_count()} CPUs',
-        f'- repeats {args.repeats} (median) after {args.warmup} warm-up, at most {args.case_budget_s:g} s of timed '
-        f'runs per measurement; dense only within {args.max_dense_gb:.1f} GB (estimated); '
-        f'{isolation}; {malloc}',
-    ]
-
-
-def fmt_num(value: Optional[float], digits: int = 1) -> str:
-    return '—' if value is None else f'{value:,.{digits}f}'
-
-
-def fmt_pct(value: Optional[float]) -> str:
-    return '—' if value is None else f'{100 * value:.0f}%' + (' (!)' if value > CONTENTION_WARN else '')
-
-
-def fmt_duration(seconds: float) -> str:
-    return f'~{seconds:.0f} s' if seconds < 120 else f'~{seconds / 60:.0f} min' if seconds < 7200 else \
-        f'~{seconds / 3600:.1f} h'
-
-
-def fmt_ratio(value: Optional[float]) -> str:
-    return '—' if value is None else f'{value:.2f}x' if value < 10 else f'{value:.1f}x'
-
-
-def print_table(rows: list[list[str]]) -> None:
-    header = ['case', 'operator', 'method', 'runs', 'fwd+bwd ms', 'peak MB', 'time dense/eff', 'mem dense/eff',
-              'max rel diff', 'CPU others']
-    right = {3, 4, 5, 6, 7, 8, 9}
-    rows = [r + [''] * (len(header) - len(r)) for r in rows]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return '| ' + ' | '.join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + ' |'
-
-    print(line(header))
-    print('|' + '|'.join(('-' * (w + 1) + ':') if i in right else ('-' * (w + 2))
-                         for i, w in enumerate(widths)) + '|')
-    for r in rows:
-        print(line(r))
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def wait_for_idle(max_wait_s: float) -> None:
-    """Wait (at most ``max_wait_s``) until other processes leave the CPUs idle: on a shared machine a
-    concurrent job inflates the timings far beyond its share, as the math libraries' threads contend."""
-    if max_wait_s <= 0:
-        return
-    deadline = time.monotonic() + max_wait_s
-    announced = False
-    while True:
-        probe = CpuContention()
-        time.sleep(2.0)
-        busy = probe.fraction()
-        if busy is None or busy <= CONTENTION_WARN or time.monotonic() >= deadline:
-            if announced:
-                progress(f'    CPUs {"idle" if busy is not None and busy <= CONTENTION_WARN else "still busy"}, '
-                         'going on')
-            return
-        if not announced:
-            progress(f'    other processes use {100 * busy:.0f}% of the CPUs; waiting up to {max_wait_s:.0f} s')
-            announced = True
-        time.sleep(8.0)
 
 
 def run_all(args: argparse.Namespace, cases: list[Case]) -> tuple[list[list[str]], dict[tuple[str, str, str], Any]]:
-    """Measure every case; returns the table rows and the results keyed by (role, operator, method)."""
+    """Measure every case but the peers; returns the table rows and the results keyed by (role, operator, method)."""
     rows: list[list[str]] = []
     results: dict[tuple[str, str, str], Any] = {}
-    tiled_ms_per_entry: dict[str, float] = {}  # measured tiled speed, to estimate skipped full-res cases
+    fused_ms_per_entry: dict[str, float] = {}  # measured fused speed, to estimate skipped full-res cases
     tmp = tempfile.TemporaryDirectory(prefix='bench_nonlocal_')
     base = dict(device=args.device, repeats=args.repeats, warmup=args.warmup, budget_s=args.case_budget_s,
                 threads=args.threads, level=args.level)
     for case in cases:
-        for op in OPERATORS:
-            if op not in args.operators:
-                continue
+        for op in args.operators:
             if op not in case.operators:
                 if case.role == 'full_res':
-                    est = tiled_ms_per_entry.get(op)
+                    est = fused_ms_per_entry.get(op)
                     est_s = '' if est is None else f', est. {fmt_duration(est * case.kernel_bytes() / 4e3)} fwd+bwd'
-                    rows.append([case.label, op, 'auto', '', f'skipped (not in --full-res-ops{est_s})',
-                                 '', '', '', ''])
+                    rows.append([case.label, op, 'auto', '', f'skipped (not in --full-res-ops{est_s})'])
                 continue
             save = case.dense
             eff_path = os.path.join(tmp.name, 'eff.pt') if save else None
             spec = Spec(case=case, operator=op, method='auto', save_path=eff_path, **base)
             progress(f'{case.label} | {op} | auto ...')
             wait_for_idle(args.wait_idle_s)
-            eff = run_spec(spec, args.in_process)
+            eff = run_isolated(measure, spec, in_process=args.in_process)
             results[(case.role, op, 'auto')] = eff
             if 'error' in eff:
-                rows.append([case.label, op, 'auto', '', f'failed: {eff["error"]}', '', '', '', ''])
+                rows.append([case.label, op, 'auto', '', f'failed: {eff["error"]}'])
                 progress(f'    failed: {eff["error"]}')
             else:
                 rows.append([case.label, op, f'auto ({eff["resolved"]})', eff['runs'], fmt_num(eff['ms']),
                              fmt_num(eff['peak'] / MIB), '', '', '', fmt_pct(eff['others'])])
                 progress(f'    {eff["ms"]:.1f} ms, {eff["peak"] / MIB:.1f} MB ({eff["runs"]} runs, '
                          f'warm-up {", ".join(f"{t:.0f}" for t in eff["warmup_ms"])} ms)')
-                if eff['resolved'] == 'tiled':
-                    tiled_ms_per_entry[op] = eff['ms'] / (case.kernel_bytes() / 4)
-            need_gb = DENSE_KERNEL_COPIES[op] * case.kernel_bytes() / GIB
+                if eff['resolved'] != 'lowrank':
+                    fused_ms_per_entry[op] = eff['ms'] / (case.kernel_bytes() / 4)
+            need_gb = dense_memory_bytes(case, op) / GIB
             need = f'~{need_gb:.1f} GB: ~{DENSE_KERNEL_COPIES[op]} x {case.kernel_bytes() / GIB:.2f} GB kernel'
             if not case.dense:
-                rows.append([case.label, op, 'dense', '', f'not run (would need {need})', '', '', '', ''])
+                rows.append([case.label, op, 'dense', '', f'not run (would need {need})'])
                 continue
             if need_gb > args.max_dense_gb:
-                rows.append([case.label, op, 'dense', '', f'skipped (would need {need})', '', '', '', ''])
+                rows.append([case.label, op, 'dense', '', f'skipped (would need {need})'])
                 progress(f'{case.label} | {op} | dense skipped (would need {need})')
                 continue
             dense_path = os.path.join(tmp.name, 'dense.pt')
             progress(f'{case.label} | {op} | dense ...')
             wait_for_idle(args.wait_idle_s)
-            dense = run_spec(replace(spec, method='dense', save_path=dense_path), args.in_process)
+            dense = run_isolated(measure, replace(spec, method='dense', save_path=dense_path),
+                                 in_process=args.in_process)
             results[(case.role, op, 'dense')] = dense
             if 'error' in dense:
-                rows.append([case.label, op, 'dense', '', f'failed: {dense["error"]}', '', '', '', ''])
+                rows.append([case.label, op, 'dense', '', f'failed: {dense["error"]}'])
                 progress(f'    failed: {dense["error"]}')
                 continue
             progress(f'    {dense["ms"]:.1f} ms, {dense["peak"] / MIB:.1f} MB ({dense["runs"]} runs)')
@@ -557,45 +355,108 @@ def run_all(args: argparse.Namespace, cases: list[Case]) -> tuple[list[list[str]
     return rows, results
 
 
-def target_lines(results: dict[tuple[str, str, str], Any], quick: bool) -> list[str]:
-    def verdict(ok: Optional[bool]) -> str:
-        return 'not measured' if ok is None else 'PASS' if ok else 'FAIL'
+def run_peers(args: argparse.Namespace, case: Case) -> tuple[list[list[str]], dict[str, Any]]:
+    """The PIDE block of each operator and the peers on ``case``; rows relative to mmcv's embedded Gaussian."""
+    base = dict(case=case, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                budget_s=args.case_budget_s, threads=args.threads, save_path=None, level='block')
+    specs = [Spec(operator=op, method='auto', **base) for op in args.operators]
+    specs += [Spec(operator='', method='', model=name, **base) for name in args.peers]
+    results: dict[str, Any] = {}
+    for spec in specs:
+        name = f'PIDEBlock {spec.operator}' if spec.model == 'pide' else f'{PEERS[spec.model][0]}'
+        if spec.model in PEERS and peer_memory_bytes(case, spec.model) / GIB > args.max_dense_gb:
+            need = peer_memory_bytes(case, spec.model) / GIB
+            results[spec.model] = {'skipped': f'skipped (would need ~{need:.1f} GB: ~{PEER_KERNEL_COPIES} x '
+                                              f'{case.kernel_bytes(PEERS[spec.model][2]) / GIB:.2f} GB attention)'}
+            progress(f'{case.label} | {name} | {results[spec.model]["skipped"]}')
+            continue
+        progress(f'{case.label} | {name} {PEERS[spec.model][1] if spec.model in PEERS else ""} ...')
+        wait_for_idle(args.wait_idle_s)
+        r = run_isolated(measure, spec, in_process=args.in_process)
+        results[spec.model if spec.model in PEERS else spec.operator] = r
+        progress(f'    failed: {r["error"]}' if 'error' in r else
+                 f'    {r["ms"]:.1f} ms, {r["peak"] / MIB:.1f} MB ({r["runs"]} runs)')
+    ref = results.get('mmcv_embedded_gaussian')
+    ref = ref if ref and 'ms' in ref else None
+    rows = []
+    for spec in specs:
+        key = spec.model if spec.model in PEERS else spec.operator
+        r = results[key]
+        if spec.model == 'pide':
+            name, pool = f'PIDEBlock {spec.operator}', case.subsample
+        else:
+            library, mode, pool = PEERS[spec.model]
+            name = f'{library} {mode}'.strip()
+        keys = f'{case.keys(pool):,}' + (f' (max-pool {pool})' if pool > 1 else ' (all)')
+        if 'ms' not in r:
+            rows.append([name, keys, '', '', '', r.get('skipped') or f'failed: {r["error"]}'])
+            continue
+        rows.append([name, keys, r['resolved'], f'{r["params"]:,}', r['runs'], fmt_num(r['ms']),
+                     fmt_num(r['peak'] / MIB), fmt_ratio(r['ms'] / ref['ms']) if ref else '—',
+                     fmt_ratio(r['peak'] / max(ref['peak'], 1)) if ref else '—', fmt_pct(r['others'])])
+    return rows, results
 
-    lines = []
-    eff, dense = results.get(('bdd', 'diffusion', 'auto')), results.get(('bdd', 'diffusion', 'dense'))
-    if eff and dense and 'error' not in eff and 'error' not in dense:
-        t, m = dense['ms'] / eff['ms'], dense['peak'] / max(eff['peak'], 1)
+
+def target_lines(results: dict[tuple[str, str, str], Any], args: argparse.Namespace) -> list[str]:
+    """Issue 10's targets, each with its measured value and PASS / FAIL / not measured."""
+
+    def pair(role: str, op: str) -> Optional[tuple[float, float, bool]]:
+        eff, dense = results.get((role, op, 'auto')), results.get((role, op, 'dense'))
+        if not (eff and dense and 'error' not in eff and 'error' not in dense):
+            return None
         busy = any((r['others'] or 0) > CONTENTION_WARN for r in (eff, dense))
-        lines.append(f'- diffusion 160x90: speed-up {t:.1f}x (target >= {TARGET_SPEEDUP:g}x): '
-                     f'{verdict(t >= TARGET_SPEEDUP)}{" (timed under CPU contention)" if busy else ""}; '
-                     f'memory dense/eff {m:.1f}x (target >= {TARGET_MEMORY_RATIO:g}x): '
-                     f'{verdict(m >= TARGET_MEMORY_RATIO)}')
-    else:
-        lines.append('- diffusion 160x90: not measured')
-    full = results.get(('full_res', 'diffusion', 'auto'))
-    if full and 'error' not in full:
-        lines.append(f'- diffusion 1280x720 B=1: runs, {full["ms"] / 1e3:.2f} s fwd+bwd, {full["peak"] / GIB:.2f} GB '
-                     f'peak: PASS')
-    else:
-        lines.append(f'- diffusion 1280x720 B=1: {"FAIL: " + full["error"] if full else "not measured"}')
+        return dense['ms'] / eff['ms'], dense['peak'] / max(eff['peak'], 1), busy
+
+    level = args.level
+    speed_t, mem_t = ((TARGET_OP_SPEEDUP, TARGET_OP_MEMORY) if level == 'operator'
+                      else (TARGET_BLOCK_SPEEDUP, TARGET_BLOCK_MEMORY))
+    lines = []
+    for op in OPERATORS:
+        if op not in args.operators:
+            continue
+        st = TARGET_DIFFUSION_SPEEDUP[level] if op == 'diffusion' else speed_t
+        p = pair('bdd', op)
+        if p is None:
+            lines.append(f'- {op} 160x90 pool 3 ({level}): not measured')
+            continue
+        t, m, busy = p
+        mem = (f'memory dense/eff {m:.2f}x' if op == 'diffusion'
+               else f'memory dense/eff {m:.2f}x (target >= {mem_t:g}x): {verdict(m >= mem_t)}')
+        lines.append(f'- {op} 160x90 pool 3 ({level}): speed-up over dense {t:.2f}x (target >= {st:g}x): '
+                     f'{verdict(t >= st)}{" (timed under CPU contention)" if busy else ""}; {mem}')
+    allocator = ('' if not os.environ.get('MALLOC_MMAP_THRESHOLD_')
+                 else ' (MALLOC_MMAP_THRESHOLD_ set: the target is for the default allocator)')
     for op in DISTANCE_OPERATORS:
+        if op not in args.operators:
+            continue
         r = results.get(('bdd_sub1', op, 'auto'))
         if r and 'error' not in r:
             mb = r['peak'] / MIB
-            lines.append(f'- {op} 160x90 sub 1, tiled: peak {mb:,.0f} MB (target <= {TARGET_TILED_PEAK_MB:,.0f} MB): '
-                         f'{verdict(mb <= TARGET_TILED_PEAK_MB)}')
+            scope = '' if level == 'block' else ' (the target is for --level block)'
+            lines.append(f'- {op} 160x90 pool 1 ({level}): peak {mb:,.0f} MB (target <= {TARGET_SUB1_PEAK_MB:,.0f} '
+                         f'MB): {verdict(mb <= TARGET_SUB1_PEAK_MB)}{scope}{allocator}')
         else:
-            lines.append(f'- {op} 160x90 sub 1, tiled: {"FAIL: " + r["error"] if r else "not measured"}')
-    if quick:
+            lines.append(f'- {op} 160x90 pool 1: {"FAIL: " + r["error"] if r else "not measured"}')
+    for op in args.operators:
+        full = results.get(('full_res', op, 'auto'))
+        if full and 'error' not in full:
+            lines.append(f'- {op} 1280x720 B=1 ({level}): runs, {full["ms"] / 1e3:.2f} s fwd+bwd, '
+                         f'{full["peak"] / GIB:.2f} GB peak: PASS')
+        elif full:
+            lines.append(f'- {op} 1280x720 B=1 ({level}): FAIL: {full["error"]}')
+    if args.quick:
         lines.append('- (--quick: tiny stand-ins for the target sizes, so these verdicts mean nothing)')
     return lines
 
 
 def parse_cases(value: str) -> tuple[str, ...]:
-    groups = CASE_GROUPS if value == 'all' else tuple(v.strip() for v in value.split(',') if v.strip())
-    bad = [g for g in groups if g not in CASE_GROUPS]
+    groups = ()
+    for v in (v.strip() for v in value.split(',') if v.strip()):
+        groups += CASE_GROUPS if v == 'all' else (v,)
+    bad = [g for g in groups if g not in CASE_GROUPS + EXTRA_GROUPS]
     if bad:
-        raise argparse.ArgumentTypeError(f'unknown case group(s) {bad}; choose from {CASE_GROUPS} or all')
+        raise argparse.ArgumentTypeError(f'unknown case group(s) {bad}; choose from {CASE_GROUPS + EXTRA_GROUPS} '
+                                         'or all')
     return groups
 
 
@@ -611,84 +472,87 @@ def parse_operators(value: str) -> tuple[str, ...]:
     return ops
 
 
+def parse_peers(value: str) -> tuple[str, ...]:
+    if value in ('all', 'none'):
+        return tuple(PEERS) if value == 'all' else ()
+    peers = tuple(v.strip() for v in value.split(',') if v.strip())
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f'unknown peer(s) {bad}; choose from {tuple(PEERS)}, all or none')
+    return peers
+
+
+def print_peers(args: argparse.Namespace, case: Case, rows: list[list[str]]) -> None:
+    print(f'\n## Peers: nonlocal blocks forward+backward, {case.label}, training mode\n')
+    print(f'- PIDEBlock: 2 stages, keys max-pooled by {case.subsample}, efficient path (auto); mmcv NonLocal2d: '
+          'reduction 2, use_scale, sub_sample=True; timm NonLocalAttn: its defaults (C/8 embedding, no pooling)')
+    print('- time / EG and peak / EG: relative to mmcv NonLocal2d embedded_gaussian (lower is better)\n')
+    print_table(['block', 'keys M', 'path', 'params', 'runs', 'fwd+bwd ms', 'peak MB', 'time / EG', 'peak / EG',
+                 'CPU others'], rows, left=3)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
-    parser.add_argument('--quick', action='store_true', help='tiny sizes, in-process: a smoke test in seconds')
-    parser.add_argument('--repeats', type=int, default=5, help='timed runs per measurement (median reported)')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed runs before the timed ones')
-    parser.add_argument('--case-budget-s', type=float, default=30.0,
-                        help='cap on the timed runs of one measurement; at least one run is always made')
+    add_harness_args(parser)
     parser.add_argument('--cifar-batch', type=int, default=8, help='batch of the CIFAR cases')
-    parser.add_argument('--bdd-batch', type=int, default=8, help='batch of the 160x90 BDD100K cases')
+    parser.add_argument('--bdd-batch', type=int, default=8, help='batch of the 160x90 BDD100K and peer cases')
     parser.add_argument('--max-dense-gb', type=float, default=None,
-                        help='run dense only where its estimated peak fits (default: half the free memory)')
+                        help='run dense (and peers) only where the estimated peak fits (default: half the free '
+                             'memory)')
     parser.add_argument('--operators', type=parse_operators, default=OPERATORS,
                         help='comma-separated operators to benchmark, or all')
     parser.add_argument('--full-res-ops', type=parse_operators, default=('diffusion',),
                         help='operators to run at 1280x720 (comma-separated, all or none)')
     parser.add_argument('--cases', type=parse_cases, default=CASE_GROUPS,
-                        help=f'comma-separated case groups out of {",".join(CASE_GROUPS)}, or all')
+                        help=f'comma-separated case groups out of {",".join(CASE_GROUPS + EXTRA_GROUPS)}; all = '
+                             f'{",".join(CASE_GROUPS)} (so all,peers for everything)')
+    parser.add_argument('--peers', type=parse_peers, default=tuple(PEERS),
+                        help=f'peer blocks of the peers group, out of {",".join(PEERS)}, all or none')
+    parser.add_argument('--peer-subsample', type=int, default=3,
+                        help='key max-pool of the PIDE blocks in the peers group (3: the BDD100K configs)')
     parser.add_argument('--level', choices=('block', 'operator'), default='block',
                         help='block: a whole PIDEBlock (embeddings, 2 stages, 1x1 convs, batch norms); operator: '
-                             'one nonlocal_aggregate call, the part the efficient paths replace')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
-    parser.add_argument('--malloc-mmap-threshold', type=int, default=None, metavar='BYTES',
-                        help='set glibc MALLOC_MMAP_THRESHOLD_ in the measuring processes, so that freed blocks '
-                             'above it go back to the OS and the resident peak tracks live tensors rather than '
-                             'what the allocator keeps (default: the allocator as users get it)')
-    parser.add_argument('--wait-idle-s', type=float, default=0.0,
-                        help='before each measurement wait up to this long for other processes to leave the CPUs '
-                             'idle (for shared machines; the CPU others column shows what was left)')
-    parser.add_argument('--in-process', action='store_true',
-                        help='measure in this process (faster; peaks can be masked by freed-but-kept memory)')
+                             'one nonlocal_aggregate call, the part the efficient paths replace (the peers group '
+                             'always measures blocks)')
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error('--repeats must be >= 1 and --warmup >= 0')
-    args.in_process = args.in_process or args.quick
-    if args.malloc_mmap_threshold is not None:
-        if args.in_process:
-            parser.error('--malloc-mmap-threshold needs fresh processes: not with --in-process or --quick')
-        os.environ['MALLOC_MMAP_THRESHOLD_'] = str(args.malloc_mmap_threshold)  # read by glibc at child start-up
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # spawned children inherit sys.path
-    import torch
-
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error('--device cuda given but torch.cuda.is_available() is False')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(parser, args)
     if args.max_dense_gb is None:
-        args.max_dense_gb = default_dense_budget_gb(args.device)
+        args.max_dense_gb = default_memory_budget_gb(args.device)
 
     cases = [c for c in build_cases(args) if c.role in args.cases]
-    cases = [replace(c, operators=tuple(o for o in c.operators if o in args.full_res_ops))
-             if c.role == 'full_res' else c for c in cases]
     start = time.perf_counter()
-    rows, results = run_all(args, cases)
+    rows, results = run_all(args, [c for c in cases if c.role != 'peers'])
+    peers = [c for c in cases if c.role == 'peers']
+    peer_rows, peer_results = run_peers(args, peers[0]) if peers else ([], {})
     elapsed = time.perf_counter() - start
 
-    what = 'PIDEBlock' if args.level == 'block' else 'nonlocal_aggregate (one stage of the functional core)'
-    print(f'# {what} forward+backward: efficient path (auto) vs dense kernel\n')
-    print('\n'.join(environment_lines(args)))
-    print('- sizes are W x H; N = W*H queries, M = keys after max-pool by `sub`; embed C/2; '
-          + ('2 stages, train mode' if args.level == 'block' else 'one aggregate, no conv/BN/ReLU'))
-    print(f'- CPU others: share of all CPUs busy with other processes during the timed runs; (!) above '
-          f'{100 * CONTENTION_WARN:.0f}%: that time is inflated by contention')
-    print('- runs: timed runs (median reported); 1w: the warm-up alone, as it exceeded --case-budget-s')
-    print(f'- fwd+bwd ms: median wall time; peak MB: memory growth over {args.level} + input + output grad '
-          '(2^20 bytes);')
-    print('  ratios are dense/efficient (higher = efficient path better); max rel diff compares output and '
-          'input gradient\n')
-    print_table(rows)
-    print(f'\nTargets: diffusion (dot) at 160x90, batch 8, C=112: >= {TARGET_SPEEDUP:g}x faster than dense '
-          f'forward+backward on CPU and <= 1/{TARGET_MEMORY_RATIO:g} of its peak memory; runs at 1280x720 batch 1 '
-          f'on CPU. Distance kernels at 160x90 batch 8 subsample 1 within {TARGET_TILED_PEAK_MB / 1024:g} GB peak '
-          'with the tiled path.')
-    print('\n'.join(target_lines(results, args.quick)))
-    mem_how = next((r['memory_how'] for r in results.values() if 'memory_how' in r), 'n/a')
-    print(f'\nPeak memory read with {mem_how}. Total benchmark time {elapsed / 60:.1f} min.')
+    print('\n'.join(environment_lines(args, f'dense and peers only within {args.max_dense_gb:.1f} GB (estimated)')))
+    if rows:
+        what = 'PIDEBlock' if args.level == 'block' else 'nonlocal_aggregate (one stage of the functional core)'
+        print(f'\n## {what} forward+backward: efficient path (auto) vs dense kernel\n')
+        print('- sizes are W x H; N = W*H queries, M = keys after max-pool by `sub`; embed C/2; '
+              + ('2 stages, train mode' if args.level == 'block' else 'one aggregate, no conv/BN/ReLU'))
+        print(f'- CPU others: share of all CPUs busy with other processes during the timed runs; (!) above '
+              f'{100 * CONTENTION_WARN:.0f}%: that time is inflated by contention')
+        print('- runs: timed runs (median reported); 1w: the warm-up alone, as it exceeded --case-budget-s')
+        print(f'- fwd+bwd ms: median wall time; peak MB: memory growth over {args.level} + input + output grad '
+              '(2^20 bytes);')
+        print('  ratios are dense/efficient (higher = efficient path better); max rel diff compares output and '
+              'input gradient\n')
+        print_table(['case', 'operator', 'method', 'runs', 'fwd+bwd ms', 'peak MB', 'time dense/eff',
+                     'mem dense/eff', 'max rel diff', 'CPU others'], rows, left=3)
+        print(f'\nTargets (CPU, BDD 160x90, batch 8, C=112, fwd+bwd): at pool 3 every distance kernel >= '
+              f'{TARGET_OP_SPEEDUP:g}x faster than dense with <= 1/{TARGET_OP_MEMORY:g} of its peak-memory growth '
+              f'(operator level), >= {TARGET_BLOCK_SPEEDUP:g}x and <= 1/{TARGET_BLOCK_MEMORY:g} (block level); '
+              f'at pool 1 every distance-kernel block <= {TARGET_SUB1_PEAK_MB / 1024:g} GB peak growth with the '
+              'default allocator; diffusion no slower than before the fused path (its speed-up then); every operator '
+              'in --full-res-ops runs at 1280x720 batch 1.')
+        print('\n'.join(target_lines(results, args)))
+    if peers:
+        print_peers(args, peers[0], peer_rows)
+    how = {r['memory_how'] for r in [*results.values(), *peer_results.values()] if 'memory_how' in r}
+    print(f'\nPeak memory read with {", ".join(sorted(how)) or "n/a"}. Total benchmark time {elapsed / 60:.1f} min.')
 
 
 if __name__ == '__main__':

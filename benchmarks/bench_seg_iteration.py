@@ -5,32 +5,26 @@
 Builds the model of each ``configs/bdd100k_*.py`` (Hamiltonian-74 and the four nonlocal variants,
 each nonlocal one with the efficient path ``method='auto'`` and the paper's ``'dense'`` kernel) and
 times forward + loss + backward + SGD step on random 160x90 images at batch 8, each case in a fresh
-process. Peak memory: on CPU the growth of the resident high-water mark (VmHWM, reset through
+process (``harness.py``). Peak memory: on CPU the growth of the resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs after the model and batch are built); on CUDA ``max_memory_allocated``; with a
 GPU, images per second as well. Ratios dense / efficient are printed side by side.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import math
 import os.path as osp
-import statistics
-import time
+from typing import Any
+
+from harness import MIB, ensure_repo_on_path, measure_step, run_isolated
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = ['bdd100k_hamiltonian74', 'bdd100k_pide_diffusion', 'bdd100k_pide_frac', 'bdd100k_pide_invfrac',
            'bdd100k_pide_log']
 
 
-def _vm_hwm_mb() -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) / 1024
-    return float('nan')
-
-
-def _run_case(config: str, method: str, batch: int, repeats: int, device: str, queue) -> None:
+def measure(config: str, method: str, batch: int, repeats: int, device: str) -> dict[str, Any]:
+    """Median time and peak memory growth of one training iteration of ``config`` (in a fresh process)."""
     import torch
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
@@ -38,6 +32,7 @@ def _run_case(config: str, method: str, batch: int, repeats: int, device: str, q
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
 
+    ensure_repo_on_path()
     import pide_zoo.seg  # noqa: F401
     from pide_zoo.layers import PIDEBlock
 
@@ -61,24 +56,10 @@ def _run_case(config: str, method: str, batch: int, repeats: int, device: str, q
         losses = model.loss(x, samples)
         sum(v for k, v in losses.items() if 'loss' in k).backward()
         opt.step()
-        if device == 'cuda':
-            torch.cuda.synchronize()
 
-    step()  # warm-up: allocations, optimizer state
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2 ** 20
-    else:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        base = _vm_hwm_mb()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _vm_hwm_mb()
-    queue.put((statistics.median(times), peak - base))
+    step()  # before the meter starts: allocations and the optimizer's momentum buffers are state, not the step's
+    r = measure_step(step, torch.device(device), warmup=0, repeats=repeats, budget_s=math.inf)
+    return {'s': r['ms'] / 1e3, 'mb': r['peak'] / MIB}
 
 
 def main() -> None:
@@ -88,7 +69,6 @@ def main() -> None:
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--configs', nargs='+', default=CONFIGS)
     args = parser.parse_args()
-    ctx = mp.get_context('spawn')
     print(f'one training iteration (forward, loss, backward, SGD step), 160x90, batch {args.batch}, '
           f'{args.device}, median of {args.repeats}')
     print('| config | method | s / iter | peak MB | dense / efficient time | dense / efficient memory |'
@@ -97,14 +77,11 @@ def main() -> None:
     for config in args.configs:
         results = {}
         for method in (['auto'] if config.endswith('hamiltonian74') else ['auto', 'dense']):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_run_case, args=(config, method, args.batch, args.repeats, args.device, queue))
-            proc.start()
-            proc.join()
-            if proc.exitcode != 0:
-                print(f'| {config} | {method} | failed (exit {proc.exitcode}) | | | |', flush=True)
+            r = run_isolated(measure, config, method, args.batch, args.repeats, args.device)
+            if 'error' in r:
+                print(f'| {config} | {method} | failed: {r["error"]} | | | |', flush=True)
                 continue
-            results[method] = queue.get()
+            results[method] = r['s'], r['mb']
             t, mem = results[method]
             ratio = ''
             if method == 'dense' and 'auto' in results:

@@ -1,0 +1,118 @@
+"""The benchmark harness (benchmarks/harness.py) and the benchmark scripts' smoke modes at tiny sizes."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_nonlocal  # noqa: E402
+import bench_scaling  # noqa: E402
+import harness  # noqa: E402
+
+
+def test_print_table_aligns_text_left_and_numbers_right(capsys):
+    harness.print_table(['name', 'ms'], [['a', '1.0'], ['long name', '123.4']])
+    assert capsys.readouterr().out.splitlines() == [
+        '| name      |    ms |',
+        '|-----------|------:|',
+        '| a         |   1.0 |',
+        '| long name | 123.4 |',
+    ]
+
+
+def test_formatters():
+    assert harness.fmt_ratio(2.5) == '2.50x' and harness.fmt_ratio(18.44) == '18.4x' and harness.fmt_ratio(None) == '—'
+    assert harness.fmt_pct(0.05) == '5%' and harness.fmt_pct(0.5) == '50% (!)'
+    assert harness.fmt_duration(30) == '~30 s' and harness.fmt_duration(600) == '~10 min'
+    assert harness.fmt_duration(3 * 3600) == '~3.0 h'
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='needs Linux /proc')
+def test_peak_meter_sees_a_touched_allocation_after_an_earlier_larger_peak():
+    import torch
+
+    big = torch.ones(96 * 2 ** 20 // 4)  # an earlier, larger peak that the reset must hide
+    del big
+    meter = harness.PeakMeter(torch.device('cpu'))
+    assert meter.how == 'VmHWM after clear_refs'
+    x = torch.ones(48 * 2 ** 20 // 4)  # 48 MiB, every page written
+    peak = meter.peak()
+    del x
+    assert 40 * 2 ** 20 <= peak <= 90 * 2 ** 20
+
+
+def test_measure_step_counts_warmup_and_timed_runs():
+    import torch
+
+    calls = []
+    r = harness.measure_step(lambda: calls.append(1) or len(calls), torch.device('cpu'), warmup=2, repeats=3,
+                             budget_s=60.0)
+    assert len(calls) == 5 and r['runs'] == '3' and r['out'] == 5 and len(r['warmup_ms']) == 2
+
+
+def test_measure_step_keeps_the_warmup_alone_beyond_the_budget():
+    import torch
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    r = harness.measure_step(slow, torch.device('cpu'), warmup=1, repeats=5, budget_s=0.01)
+    assert len(calls) == 1 and r['runs'] == '1w' and r['ms'] >= 50
+
+
+def _boom():
+    raise ValueError('boom\nsecond line')
+
+
+def test_run_isolated_reports_errors_and_dead_children():
+    assert harness.run_isolated(_boom, in_process=True) == {'error': 'ValueError: boom'}
+    assert harness.run_isolated(os.getpid) != os.getpid()  # ran in another process
+    assert harness.run_isolated(os._exit, 3) == {'error': 'child process died, exit code 3'}
+
+
+def test_bench_nonlocal_quick_agrees_with_dense(capsys):
+    bench_nonlocal.main(['--quick', '--cases', 'cifar', '--operators', 'diffusion,frac_laplacian',
+                         '--repeats', '1', '--warmup', '0'])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| tiny 8x8')]
+    assert len(rows) == 4  # two operators x (auto, dense)
+    diffs = [float(r.split('|')[9]) for r in rows if '| dense ' in r]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+
+
+def test_bench_nonlocal_rejects_unknown_case_groups():
+    with pytest.raises(SystemExit):
+        bench_nonlocal.main(['--cases', 'bdd,cifar100'])
+
+
+def test_scaling_extrapolation():
+    # slope of the last two points (2 here) when above the floor, else the floor
+    assert bench_scaling.extrapolate([(1, 1.0), (2, 4.0)], 4, 1.0) == pytest.approx(16.0)
+    assert bench_scaling.extrapolate([(1, 1.0), (2, 1.0)], 4, 1.0) == pytest.approx(2.0)
+    assert bench_scaling.extrapolate([], 4, 1.0) is None
+
+
+def _scaling_statuses(out, *args):
+    bench_scaling.main(['--quick', '--repeats', '1', '--warmup', '0', '--output', str(out), *args])
+    data = json.loads(out.with_suffix('.json').read_text())
+    return [(p['series'], p['status']) for p in data['results']]
+
+
+def test_scaling_quick_skips_cases_over_the_budgets(tmp_path, capsys):
+    # diffusion runs its first size; the next one's time, extrapolated from it, is over the time budget
+    fig = tmp_path / 'time.png'
+    assert _scaling_statuses(fig, '--series', 'diffusion', '--max-case-s', '1e-9') == [
+        ('diffusion', 'ok'), ('diffusion', bench_scaling.OVER_TIME)]
+    assert fig.stat().st_size > 10_000
+    assert 'out of time budget' in capsys.readouterr().out
+    # dense is predicted over the memory budget from its kernel size (6 x 1 KB at 8x8) before it runs
+    assert _scaling_statuses(tmp_path / 'memory.png', '--series', 'dense_frac_laplacian', '--max-gb', '1e-6') == [
+        ('dense_frac_laplacian', bench_scaling.OVER_MEMORY)]
