@@ -17,6 +17,7 @@ model = dict(
         nonlocal_subsample=2,
         nonlocal_cfg=dict(h=0.5)),
     decode_head=dict(in_channels=32, channels=32, num_classes=4))
+custom_hooks = []  # no per-pixel mean image here
 optim_wrapper = dict(optimizer=dict(lr=0.05))
 param_scheduler = [dict(type='MultiStepLR', milestones=[450], gamma=0.1, by_epoch=False)]
 train_cfg = dict(max_iters=600, val_interval=600)

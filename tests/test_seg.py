@@ -2,8 +2,10 @@
 import os
 import os.path as osp
 import re
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -60,7 +62,7 @@ def test_smoothness_loss_is_logged_as_its_own_term():
     from mmseg.structures import SegDataSample
 
     model = _build('bdd100k_hamiltonian74.py', **{'model.smoothness_weight': 1.0})
-    model.data_preprocessor._mean_image = torch.zeros(3, 18, 32)
+    model.data_preprocessor.set_mean_image(torch.zeros(3, 18, 32))
     samples = []
     for _ in range(2):
         s = SegDataSample(metainfo=dict(img_shape=(18, 32), pad_shape=(18, 32)))
@@ -107,6 +109,155 @@ def test_backbone_out_indices_and_init_cfg():
     assert [f.shape[1:] for f in feats] == [(32, 12, 18), (64, 12, 18), (112, 12, 18)]
     with pytest.raises(ValueError, match='out_indices'):
         MODELS.build(dict(type='PIDEHamiltonianNet', out_indices=(3,)))
+
+
+# --- the mean image as model state, inference at any size, the soft IoU --------------------------------
+def _preprocessor(**kwargs):
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    return MODELS.build(dict(type='PixelMeanSegDataPreProcessor', size_divisor=1, **kwargs))
+
+
+def _runner(pre, data_root):
+    from types import SimpleNamespace
+
+    loader = SimpleNamespace(dataset=SimpleNamespace(data_root=data_root))
+    return SimpleNamespace(model=SimpleNamespace(data_preprocessor=pre), train_dataloader=loader,
+                           val_dataloader=loader, test_dataloader=loader)
+
+
+def test_mean_image_is_a_checkpointed_buffer(tmp_path):
+    pre = _preprocessor()
+    assert pre.state_dict()['pixel_mean'].shape == (0,) and not pre.has_mean
+    mean = np.random.default_rng(0).random((3, 4, 6)).astype(np.float32)
+    pre.set_mean_image(mean)
+    state = pre.state_dict()
+    torch.testing.assert_close(state['pixel_mean'], torch.from_numpy(mean))
+    fresh = _preprocessor()
+    fresh.load_state_dict(state)  # torch's strict loading resizes the empty buffer
+    torch.testing.assert_close(fresh.pixel_mean, torch.from_numpy(mean))
+    img = torch.randint(0, 255, (3, 4, 6), dtype=torch.uint8)
+    out = fresh(dict(inputs=[img]))['inputs']
+    torch.testing.assert_close(out[0], img.flip(0).float() / 255 - torch.from_numpy(mean))  # BGR -> RGB
+    with pytest.raises(ValueError, match=r'size \(5, 6\).*mean image of size \(4, 6\).*Resize'):
+        fresh(dict(inputs=[torch.zeros(3, 5, 6, dtype=torch.uint8)]))
+
+
+def test_checkpoint_without_mean_falls_back_to_the_path(tmp_path):
+    old_state = {k: v for k, v in _preprocessor().state_dict().items() if k != 'pixel_mean'}
+    mean = np.full((3, 2, 3), 0.25, np.float32)
+    np.save(tmp_path / 'mean_image.npy', mean)
+    pre = _preprocessor(mean_image=str(tmp_path / 'mean_image.npy'))
+    pre.load_state_dict(old_state)  # strict: the missing buffer is not an error
+    out = pre(dict(inputs=[torch.zeros(3, 2, 3, dtype=torch.uint8)]))['inputs']
+    torch.testing.assert_close(out, torch.full((1, 3, 2, 3), -0.25))
+    assert pre.has_mean  # and the next checkpoint carries it
+    bare = _preprocessor()
+    bare.load_state_dict(old_state)
+    with pytest.raises(RuntimeError, match='no mean image.*PixelMeanHook.*tools/prepare_bdd100k.py'):
+        bare(dict(inputs=[torch.zeros(3, 2, 3, dtype=torch.uint8)]))
+    # tools/test.py: the hook fills it from the evaluated data's data_root
+    from pide_zoo.seg import PixelMeanHook
+
+    PixelMeanHook().before_test(_runner(bare, str(tmp_path)))
+    torch.testing.assert_close(bare.pixel_mean, torch.from_numpy(mean))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / 'x' / 'mean_image.npy'))):
+        PixelMeanHook().before_test(_runner(_preprocessor(), str(tmp_path / 'x')))
+
+
+def test_pixel_mean_hook_order_at_training_start(tmp_path):
+    from pide_zoo.seg import PixelMeanHook
+
+    root, other = tmp_path / 'root', tmp_path / 'other'
+    root.mkdir(), other.mkdir()
+    np.save(root / 'mean_image.npy', np.full((3, 2, 3), 1.0, np.float32))
+    np.save(other / 'mean.npy', np.full((3, 2, 3), 2.0, np.float32))
+    hook = PixelMeanHook()
+    pre = _preprocessor()
+    hook.before_train(_runner(pre, str(root)))  # the train dataloader's data_root
+    assert torch.all(pre.pixel_mean == 1.0)
+    pre = _preprocessor(mean_image=str(other / 'mean.npy'))
+    hook.before_train(_runner(pre, str(root)))  # an explicit path wins
+    assert torch.all(pre.pixel_mean == 2.0)
+    pre = _preprocessor()
+    pre.set_mean_image(np.full((3, 2, 3), 3.0, np.float32))
+    hook.before_train(_runner(pre, str(tmp_path / 'gone')))  # a resumed model keeps its mean...
+    assert torch.all(pre.pixel_mean == 3.0)
+    want = re.escape(f"'{tmp_path / 'gone' / 'mean_image.npy'}' not found") + '.*' + re.escape(
+        f'python tools/prepare_bdd100k.py --src data/bdd100k --dst {tmp_path / "gone"}')
+    with pytest.raises(FileNotFoundError, match=want):  # ...a fresh one needs the file
+        hook.before_train(_runner(_preprocessor(), str(tmp_path / 'gone')))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / 'missing.npy'))):
+        hook.before_train(_runner(_preprocessor(mean_image=str(tmp_path / 'missing.npy')), str(root)))
+    with pytest.raises(TypeError, match='PixelMeanSegDataPreProcessor'):
+        hook.before_train(_runner(torch.nn.Identity(), str(root)))
+
+
+def test_inference_on_any_size_resizes_to_the_mean_and_back():
+    from mmseg.apis import inference_model, init_model
+
+    model = init_model(osp.join(ROOT, 'configs', 'bdd100k_hamiltonian74.py'), None, device='cpu')
+    model.data_preprocessor.set_mean_image(torch.zeros(3, 90, 160))
+    img = np.random.default_rng(0).integers(0, 255, (61, 203, 3), dtype=np.uint8)
+    result = inference_model(model, img)
+    assert result.pred_sem_seg.shape == (61, 203) and result.seg_logits.data.shape == (19, 61, 203)
+    assert result.metainfo['img_shape'] == (90, 160) and result.metainfo['ori_shape'] == (61, 203)
+
+
+def _soft_iou_numpy(logits, label, ignore_index=255, smooth=1.0):
+    """The authors' iou_fn for one image, over the pixels not ignored: one-hot labels y, softmax p,
+    I = sum(y * p), union = sum(y) + sum(p) - I."""
+    counted = label != ignore_index
+    p = np.exp(logits - logits.max(0))
+    p = (p / p.sum(0))[:, counted]
+    y = np.zeros_like(p)
+    y[label[counted], np.arange(counted.sum())] = 1
+    inter = (y * p).sum()
+    return (inter + smooth) / (y.sum() + p.sum() - inter + smooth)
+
+
+@pytest.mark.parametrize('ignored', [0.0, 0.3])
+def test_soft_iou_metric_matches_the_formula(ignored):
+    from mmengine.evaluator import Evaluator
+
+    rng = np.random.default_rng(1)
+    logits = [rng.normal(0, 2, (5, 7, 9)) for _ in range(3)]
+    labels = [rng.integers(0, 5, (7, 9)) for _ in range(3)]
+    for lab in labels:
+        lab[rng.random(lab.shape) < ignored] = 255
+    if ignored:
+        labels[2][:] = 255  # an image without counted pixels scores (0 + 1) / (0 + 1)
+    want = [_soft_iou_numpy(lg, lb) for lg, lb in zip(logits, labels)]
+    assert (want[2] == 1.0) == bool(ignored)
+    init_default_scope('mmseg')
+    evaluator = Evaluator([dict(type='IoUMetric'), dict(type='SoftIoUMetric')])
+    evaluator.dataset_meta = dict(classes=tuple('abcde'))
+    samples = [dict(seg_logits=dict(data=torch.from_numpy(lg).float()),
+                    pred_sem_seg=dict(data=torch.from_numpy(lg.argmax(0))[None]),
+                    gt_sem_seg=dict(data=torch.from_numpy(lb)[None])) for lg, lb in zip(logits, labels)]
+    evaluator.process(samples[:2])
+    evaluator.process(samples[2:])
+    metrics = evaluator.evaluate(3)
+    assert metrics['sIoU'] == pytest.approx(round(100 * float(np.mean(want)), 2), abs=1e-9)
+    assert 'mIoU' in metrics and 'aAcc' in metrics
+
+
+def test_soft_iou_counts_void_pixels_as_a_class():
+    from pide_zoo.seg.metrics import soft_iou
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 1, (20, 4, 5))
+    label = rng.integers(0, 19, (4, 5))
+    label[0] = 255
+    void = np.where(label == 255, 19, label)  # what VoidAsClass gives the metric
+    got = soft_iou(torch.from_numpy(logits), torch.from_numpy(void))
+    assert got == pytest.approx(_soft_iou_numpy(logits, void, ignore_index=-1), rel=1e-12)
+    assert got != pytest.approx(_soft_iou_numpy(logits, label), rel=1e-6)
+    with pytest.raises(ValueError, match=r'labels \[19\] outside 0-18'):
+        soft_iou(torch.from_numpy(logits[:19]), torch.from_numpy(void))
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'bdd100k_pide_diffusion_void.py'))
+    assert [m['type'] for m in cfg.test_evaluator] == ['IoUMetric', 'SoftIoUMetric']
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -193,9 +344,10 @@ def _run(args, **kw):
 
 
 def _bdd_options(data_root, iters):
+    # the data only through the three dataloaders' data_root: the mean image comes from there too
     return ['--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
             f'val_dataloader.dataset.data_root={data_root}', f'test_dataloader.dataset.data_root={data_root}',
-            f'model.data_preprocessor.mean_image={data_root}/mean_image.npy', f'train_cfg.max_iters={iters}',
+            f'train_cfg.max_iters={iters}',
             f'train_cfg.val_interval={iters}', 'default_hooks.checkpoint.interval=2',
             'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
             'train_dataloader.persistent_workers=False', 'val_dataloader.persistent_workers=False',
@@ -211,21 +363,65 @@ def bdd_160x90(tmp_path_factory):
     return str(root / 'dst')
 
 
+def _checkpoint_mean(ckpt):
+    # mmengine checkpoints load with torch's safe unpickler once pide_zoo is imported
+    return torch.load(ckpt, weights_only=True)['state_dict']['data_preprocessor.pixel_mean'].numpy()
+
+
 @pytest.mark.slow
-def test_train_save_test_resume(bdd_160x90, tmp_path):
+def test_interrupted_run_resumes_and_tests(bdd_160x90, tmp_path):
     work = str(tmp_path / 'work')
     cfg = 'configs/bdd100k_pide_diffusion.py'
-    _run([PY, 'tools/train.py', cfg, '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
+    # a long run, killed once its iteration-2 checkpoint is written
+    with open(tmp_path / 'first.log', 'w') as log:
+        proc = subprocess.Popen([PY, 'tools/train.py', cfg, '--work-dir', work, *_bdd_options(bdd_160x90, 1000)],
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'), stdout=log,
+                                stderr=subprocess.STDOUT)
+        pointer, deadline = osp.join(work, 'last_checkpoint'), time.time() + 600
+        while not osp.isfile(pointer) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+    assert osp.isfile(pointer), (tmp_path / 'first.log').read_text()[-3000:]
     ckpt = osp.join(work, 'iter_2.pth')
-    assert osp.isfile(ckpt)
-    # mmengine checkpoints load with torch's safe unpickler once pide_zoo is imported
-    state = torch.load(ckpt, weights_only=True)
-    assert state['meta']['iter'] == 2 and 'message_hub' in state
-    out = _run([PY, 'tools/test.py', cfg, ckpt, '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
-    assert re.search(r'aAcc: [\d.]+\s+mIoU: [\d.]+', out)
+    assert open(pointer).read().strip() == ckpt
+    np.testing.assert_array_equal(_checkpoint_mean(ckpt), np.load(osp.join(bdd_160x90, 'mean_image.npy')))
     out = _run([PY, 'tools/train.py', cfg, '--work-dir', work, '--resume', *_bdd_options(bdd_160x90, 4)])
     assert 'resumed' in out.lower() and osp.isfile(osp.join(work, 'iter_4.pth'))
     assert re.search(r'Iter\(train\) \[3/4\]', out) and not re.search(r'Iter\(train\) \[1/4\]', out)
+    out = _run([PY, 'tools/test.py', cfg, osp.join(work, 'iter_4.pth'), '--work-dir', work,
+                '--out', str(tmp_path / 'pred'), *_bdd_options(bdd_160x90, 4)])
+    assert re.search(r'aAcc: [\d.]+\s+mIoU: [\d.]+\s+mAcc: [\d.]+\s+sIoU: [\d.]+', out)
+    assert sorted(os.listdir(tmp_path / 'pred')) == ['val000.png', 'val001.png']  # label maps from IoUMetric
+
+
+@pytest.mark.slow
+def test_checkpoint_alone_segments_photos_of_another_size(bdd_160x90, tmp_path):
+    import mmcv
+    from mmseg.apis import inference_model, init_model
+    from mmseg.models.utils import resize
+    from sklearn.datasets import load_sample_images
+
+    data, work = str(tmp_path / 'data'), str(tmp_path / 'work')
+    shutil.copytree(bdd_160x90, data)
+    mean = np.load(osp.join(data, 'mean_image.npy'))
+    config = osp.join(ROOT, 'configs', 'bdd100k_pide_diffusion.py')
+    _run([PY, 'tools/train.py', config, '--work-dir', work, *_bdd_options(data, 2)])
+    shutil.rmtree(data)
+    model = init_model(config, osp.join(work, 'iter_2.pth'), device='cpu')
+    np.testing.assert_array_equal(model.data_preprocessor.pixel_mean.numpy(), mean)
+    photos = load_sample_images()
+    results = inference_model(model, list(photos.filenames))
+    for path, photo, result in zip(photos.filenames, photos.images, results):
+        assert photo.shape == (427, 640, 3)
+        assert result.pred_sem_seg.shape == (427, 640) and result.seg_logits.shape == (427, 640)
+        # by hand: resize to the trained 160x90, subtract the checkpoint's mean, resize the logits back
+        img = mmcv.imresize(mmcv.imread(path), (160, 90))[..., ::-1] / 255.0
+        x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) - mean)[None]
+        with torch.no_grad():
+            logits = resize(model.encode_decode(x, [result.metainfo]), size=(427, 640), mode='bilinear',
+                            align_corners=False)[0]
+        torch.testing.assert_close(result.seg_logits.data, logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -241,10 +437,12 @@ def test_configs_run_under_mmseg_own_tools(bdd_160x90, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(bdd_160x90, tmp_path):
     work = str(tmp_path / 'work')
-    _run([PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29631', 'tools/train.py',
-          'configs/bdd100k_hamiltonian74.py', '--launcher', 'pytorch', '--work-dir', work,
-          *_bdd_options(bdd_160x90, 2)])
-    assert osp.isfile(osp.join(work, 'iter_2.pth'))
+    out = _run([PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29631', 'tools/train.py',
+                'configs/bdd100k_hamiltonian74.py', '--launcher', 'pytorch', '--work-dir', work,
+                *_bdd_options(bdd_160x90, 2)])
+    np.testing.assert_array_equal(_checkpoint_mean(osp.join(work, 'iter_2.pth')),
+                                  np.load(osp.join(bdd_160x90, 'mean_image.npy')))
+    assert re.search(r'sIoU: [\d.]+', out)  # SoftIoUMetric gathered from both processes
 
 
 def test_missing_data_root_says_where_bdd100k_goes(tmp_path):

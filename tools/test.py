@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint with mmsegmentation / mmengine (prints aAcc, mIoU, mAcc).
+"""Evaluate a checkpoint with mmsegmentation / mmengine (prints aAcc, mIoU, mAcc and the soft IoU sIoU).
 
     python tools/test.py configs/bdd100k_pide_diffusion.py work_dirs/.../iter_175000.pth
     bash tools/dist_test.sh configs/bdd100k_pide_diffusion.py CHECKPOINT 4
@@ -18,8 +18,11 @@ def main() -> None:
     args = add_common_args(parser).parse_args()
     cfg = load_config(args, checkpoint=args.checkpoint)
     if args.out is not None:
-        cfg.test_evaluator['output_dir'] = args.out
-        cfg.test_evaluator['keep_results'] = True
+        metrics = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+        for metric in metrics:
+            if metric['type'] in ('IoUMetric', 'mmseg.IoUMetric'):  # the metric that writes label maps
+                metric['output_dir'] = args.out
+                metric['keep_results'] = True
     Runner.from_cfg(cfg).test()
 
 

@@ -2,7 +2,8 @@
 
 Registers in mmseg's registries: the backbone ``PIDEHamiltonianNet``, the neck ``PIDENeck``, the plugin
 ``PIDEBlock`` (for ResNet ``plugins=[...]``), the segmentor ``PIDEEncoderDecoder`` (adds the
-weight-smoothness loss), the data preprocessor ``PixelMeanSegDataPreProcessor``, the datasets
+weight-smoothness loss), the data preprocessor ``PixelMeanSegDataPreProcessor`` with the hook
+``PixelMeanHook`` that gives it the data's mean image, the metric ``SoftIoUMetric``, the datasets
 ``BDD100KPaperDataset`` and ``LongRangeDemoDataset`` and the transform ``VoidAsClass``. The paper's
 baselines run through mmseg's ``TIMMBackbone`` with the timm models ``resnet44_cifar`` and
 ``preresnet20_cifar``.
@@ -10,8 +11,10 @@ baselines run through mmseg's ``TIMMBackbone`` with the timm models ``resnet44_c
 from .backbones import PIDEHamiltonianNet
 from .data_preprocessor import PixelMeanSegDataPreProcessor
 from .datasets import BDD100KPaperDataset, LongRangeDemoDataset, VoidAsClass
+from .hooks import PixelMeanHook
+from .metrics import SoftIoUMetric
 from .necks import PIDENeck
 from .segmentors import PIDEEncoderDecoder
 
 __all__ = ['PIDEHamiltonianNet', 'PixelMeanSegDataPreProcessor', 'BDD100KPaperDataset', 'LongRangeDemoDataset',
-           'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder']
+           'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder', 'PixelMeanHook', 'SoftIoUMetric']

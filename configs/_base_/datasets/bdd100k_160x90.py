@@ -10,8 +10,11 @@ train_pipeline = [
     dict(type='RandomFlip', prob=0.5, direction='horizontal'),
     dict(type='PackSegInputs'),
 ]
+# Images of any size are resized to the trained 160x90 (no-op on the prepared data); labels are
+# loaded after the resize and predictions come back at the image's own size (mmseg's ori_shape).
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(160, 90), keep_ratio=False),
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs'),
 ]
@@ -24,5 +27,6 @@ val_dataloader = dict(
     num_workers=2,
     dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+# mmseg's aAcc / mIoU and the paper's Table 3 soft IoU (sIoU)
+val_evaluator = [dict(type='IoUMetric', iou_metrics=['mIoU']), dict(type='SoftIoUMetric')]
 test_evaluator = val_evaluator

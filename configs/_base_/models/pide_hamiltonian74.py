@@ -1,8 +1,9 @@
 # Hamiltonian-74 without pooling (the paper's segmentation network), a 1x1 conv head, the
 # weight-smoothness loss (4.8) and per-pixel mean subtraction. Leaf configs import pide_zoo.seg.
+# The mean image is model state: PixelMeanHook reads mean_image.npy in the train dataloader's
+# data_root when training starts and checkpoints carry it (mean_image=PATH overrides it).
 data_preprocessor = dict(
     type='PixelMeanSegDataPreProcessor',
-    mean_image='data/bdd100k_160x90/mean_image.npy',
     size_divisor=1,  # batches of equal-size images: no padding
     pad_val=0,
     seg_pad_val=255)
@@ -32,3 +33,4 @@ model = dict(
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
+custom_hooks = [dict(type='PixelMeanHook')]
