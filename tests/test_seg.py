@@ -466,3 +466,25 @@ def test_demo_config_runs(tmp_path):
                 'val_dataloader.dataset.num_samples=8', 'train_cfg.max_iters=3', 'train_cfg.val_interval=3'])
     assert re.search(r'mIoU: [\d.]+', out) and osp.isfile(osp.join(tmp_path, 'work', 'iter_3.pth'))
     assert len(os.listdir(osp.join(data, 'img_dir', 'train'))) == 16 + 1  # images and the generator's stamp
+
+
+@pytest.mark.slow
+def test_demo_figure_from_two_checkpoints(tmp_path):
+    from mmseg.apis import init_model
+    from PIL import Image
+
+    ckpts = []
+    for name in ('demo_longrange_local', 'demo_longrange'):  # untrained weights: the figure's layout only
+        model = init_model(osp.join(ROOT, 'configs', f'{name}.py'), None, device='cpu')
+        ckpts.append(str(tmp_path / f'{name}.pth'))
+        torch.save(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=dict(
+            classes=('background', 'red region', 'green region', 'blue region')))), ckpts[-1])
+    out = str(tmp_path / 'fig' / 'demo.png')
+    args = [PY, 'tools/demo_figure.py', '--local-checkpoint', ckpts[0], '--nonlocal-checkpoint', ckpts[1],
+            '--data-root', str(tmp_path / 'data'), '--num-images', '3', '--out', out]
+    assert f'wrote {out} (3 images' in _run(args)
+    assert Image.open(out).size == (800, round(100 * (0.95 * 3 + 0.3)))
+    missing = str(tmp_path / 'none.pth')
+    bad = subprocess.run(args[:3] + [missing] + args[4:], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert bad.returncode == 2 and f"checkpoint {missing!r} does not exist" in bad.stderr
