@@ -98,7 +98,8 @@ class CpuContention:
         if self.start is None or end is None or end[2] <= self.start[2]:
             return None
         capacity = (end[2] - self.start[2]) * os.sysconf('SC_CLK_TCK') * (os.cpu_count() or 1)
-        return max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / capacity)
+        # Clock ticks are coarse (usually 10 ms): over a few ticks the estimate can leave [0, 1].
+        return min(1.0, max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / capacity))
 
 
 class PeakMeter:
