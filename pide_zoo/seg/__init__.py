@@ -1,6 +1,7 @@
 """mmsegmentation 1.x face of pide_zoo, loaded by configs through ``custom_imports``.
 
-Registers in mmseg's registries: the backbone ``PIDEHamiltonianNet``, the neck ``PIDENeck``, the plugin
+Registers in mmseg's registries: the backbone ``PIDEHamiltonianNet``, the neck ``PIDENeck``, the decode head
+``PIDEHead`` (mmseg's ``NLHead`` with a PIDE block), the plugin
 ``PIDEBlock`` (for ResNet ``plugins=[...]``), the segmentor ``PIDEEncoderDecoder`` (adds the
 weight-smoothness loss), the data preprocessor ``PixelMeanSegDataPreProcessor`` with the hook
 ``PixelMeanHook`` that gives it the data's mean image, the metric ``SoftIoUMetric``, the datasets
@@ -11,10 +12,11 @@ baselines run through mmseg's ``TIMMBackbone`` with the timm models ``resnet44_c
 from .backbones import PIDEHamiltonianNet
 from .data_preprocessor import PixelMeanSegDataPreProcessor
 from .datasets import BDD100KPaperDataset, LongRangeDemoDataset, VoidAsClass
+from .heads import PIDEHead
 from .hooks import PixelMeanHook
 from .metrics import SoftIoUMetric
 from .necks import PIDENeck
 from .segmentors import PIDEEncoderDecoder
 
 __all__ = ['PIDEHamiltonianNet', 'PixelMeanSegDataPreProcessor', 'BDD100KPaperDataset', 'LongRangeDemoDataset',
-           'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder', 'PixelMeanHook', 'SoftIoUMetric']
+           'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder', 'PixelMeanHook', 'SoftIoUMetric', 'PIDEHead']
