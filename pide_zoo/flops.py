@@ -18,7 +18,8 @@ every weight's He-normal initializer (one per weight); the paper then truncates 
 By hand, these rules give ResNet-44, Hamiltonian-74 and the diffusion network's cells exactly.
 fvcore's convention stays within about 1 % of every cell of Table 4 in the ``'dense'`` mode; the
 rest is mostly batch norm (2 per element here, 0 there) and the pointwise ops on the N x M kernel
-(pow, log), which only ``elementwise`` counts. ``tools/flops.py`` prints the comparison.
+(pow, log), which only ``elementwise`` counts. ``tools/flops.py`` prints the comparison;
+``tools/get_flops.py`` counts any mmseg config with the same handles (:func:`module_flop_analysis`).
 
 :class:`~pide_zoo.layers.PIDEBlock` evaluates its kernel in one of several ways; the paper formed
 the dense N x M kernel once and applied it in every stage. :func:`count_flops` sets the method of
@@ -48,8 +49,8 @@ from .layers.pide_ops import resolve_method
 __all__ = [
     'DATASETS', 'PAPER_NAMES', 'PAPER_TABLE4', 'PAPER_PARAMS', 'PAPER_SEG_PARAMS', 'TABLE4_MODELS', 'ALL_MODELS',
     'POINTWISE_OPS', 'ZERO_COST_OPS', 'FLOP_HANDLES', 'flop_handles', 'PIDEFlopCountAnalysis',
-    'set_nonlocal_method', 'flop_analysis', 'count_flops', 'count_params', 'truncate', 'create_paper_model',
-    'segmentation_params',
+    'set_nonlocal_method', 'pide_block_names', 'module_flop_analysis', 'flop_analysis', 'count_flops',
+    'count_params', 'truncate', 'create_paper_model', 'segmentation_params',
 ]
 
 DATASETS = ('cifar10', 'cifar100', 'stl10')
@@ -112,11 +113,16 @@ POINTWISE_OPS = (
     'aten::rsqrt', 'aten::reciprocal', 'aten::abs', 'aten::square', 'aten::clamp_min', 'aten::clamp_max',
     'aten::sigmoid', 'aten::tanh', 'aten::silu', 'aten::gelu', 'aten::hardswish', 'aten::hardsigmoid',
     'aten::softmax',
+    # in-place forms (the tiled kernel path works in place to keep one N x M buffer)
+    'aten::neg_', 'aten::pow_', 'aten::rsqrt_', 'aten::reciprocal_', 'aten::sqrt_', 'aten::exp_', 'aten::log_',
+    'aten::clamp_min_', 'aten::clamp_max_',
 )
 # Ops that move, select, compare or create data, beyond those fvcore already ignores (relu, cat, view...).
 ZERO_COST_OPS = (
     'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::empty_like', 'aten::lt', 'aten::le',
     'aten::ne', 'aten::sign', 'aten::clone', 'aten::alias', 'aten::expand_as', 'aten::reshape_as',
+    'aten::masked_fill', 'aten::masked_fill_',
+    'aten::dropout', 'aten::feature_dropout',  # identities in eval mode (mmseg heads' Dropout2d)
 )
 
 
@@ -133,6 +139,14 @@ def _pointwise(cost: float) -> Handle:
 def _reduction(inputs: List[Any], outputs: List[Any]) -> int:
     # One accumulation per input element, as fvcore counts adaptive_avg_pool2d.
     return _numel(get_shape(inputs[0]))
+
+
+def _baddbmm(elementwise: float) -> Handle:
+    def handle(inputs: List[Any], outputs: List[Any]) -> float:
+        # input + alpha * (b1 @ b2): the batched product as fvcore's bmm, the add as a pointwise op
+        (b, n, k), m = get_shape(inputs[1]), get_shape(inputs[2])[-1]
+        return b * n * k * m + elementwise * _numel(get_shape(outputs[0]))
+    return handle
 
 
 def _int_list(value: Any) -> Optional[List[int]]:
@@ -177,6 +191,8 @@ def flop_handles(elementwise: float = 0.0) -> Dict[str, Optional[Handle]]:
         'aten::adaptive_max_pool2d': _reduction,
         'aten::sum': _reduction,
         'aten::mean': _reduction,
+        'aten::baddbmm': _baddbmm(elementwise),
+        'aten::baddbmm_': _baddbmm(elementwise),
     }
     handles.update({name: None for name in ZERO_COST_OPS})
     handles.update({name: (_pointwise(elementwise) if elementwise else None) for name in POINTWISE_OPS})
@@ -222,11 +238,48 @@ def set_nonlocal_method(model: nn.Module, method: Optional[str]) -> Iterator[nn.
             b.method = m
 
 
+def pide_block_names(model: nn.Module) -> List[str]:
+    """Qualified names of the :class:`~pide_zoo.layers.PIDEBlock` modules of ``model`` (keys of ``by_module()``)."""
+    return [name for name, m in model.named_modules() if isinstance(m, PIDEBlock)]
+
+
 def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
     p = next(model.parameters(), None)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_size, generator=g)
     return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+
+
+def module_flop_analysis(
+        model: nn.Module,
+        inputs: Tuple[Any, ...],
+        nonlocal_method: Optional[str] = 'dense',
+        elementwise: float = 0.0,
+) -> PIDEFlopCountAnalysis:
+    """Run a :class:`PIDEFlopCountAnalysis` of any module on given positional ``inputs``, in eval mode under
+    ``torch.no_grad()`` (e.g. an mmseg segmentor, whose ``forward(inputs)`` is its tensor mode).
+
+    Args:
+        model: the module (its train/eval mode is restored afterwards).
+        inputs: the positional arguments of ``model.forward``.
+        nonlocal_method: evaluation path set on every PIDE block for the count (``'dense'``: the
+            paper's; ``'auto'``: this project's default; ``None``: as configured).
+        elementwise: cost per output element of pointwise ops (0: fvcore's convention).
+
+    Returns:
+        The analysis, already evaluated, so that ``.total()``, ``.by_operator()``, ``.by_module()``
+        and ``.unsupported_ops()`` report the count made with ``nonlocal_method``.
+    """
+    was_training = model.training
+    fa = PIDEFlopCountAnalysis(model, tuple(inputs), elementwise=elementwise)
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    try:
+        model.eval()
+        with set_nonlocal_method(model, nonlocal_method), torch.no_grad():
+            fa.total()  # fvcore analyses lazily: trace now, while the methods are set
+    finally:
+        model.train(was_training)
+    return fa
 
 
 def flop_analysis(
@@ -236,7 +289,7 @@ def flop_analysis(
         elementwise: float = 0.0,
         batch_size: int = 1,
 ) -> PIDEFlopCountAnalysis:
-    """Run a :class:`PIDEFlopCountAnalysis` of ``model`` in eval mode under ``torch.no_grad()``.
+    """:func:`module_flop_analysis` of ``model`` on a random input of ``input_size``.
 
     Args:
         model: the model (its train/eval mode is restored afterwards).
@@ -245,22 +298,9 @@ def flop_analysis(
             paper's; ``'auto'``: this project's default; ``None``: as configured).
         elementwise: cost per output element of pointwise ops (0: fvcore's convention).
         batch_size: batch size of the traced input.
-
-    Returns:
-        The analysis, already evaluated, so that ``.total()``, ``.by_operator()``, ``.by_module()``
-        and ``.unsupported_ops()`` report the count made with ``nonlocal_method``.
     """
     x = _example_input(model, input_size, batch_size)
-    was_training = model.training
-    fa = PIDEFlopCountAnalysis(model, (x,), elementwise=elementwise)
-    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    try:
-        model.eval()
-        with set_nonlocal_method(model, nonlocal_method), torch.no_grad():
-            fa.total()  # fvcore analyses lazily: trace now, while the methods are set
-    finally:
-        model.train(was_training)
-    return fa
+    return module_flop_analysis(model, (x,), nonlocal_method, elementwise)
 
 
 def count_flops(
