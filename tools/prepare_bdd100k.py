@@ -5,16 +5,24 @@
 ``--src`` holds the official folders images/10k/{train,val}/*.jpg and labels/sem_seg/masks/{train,val}/*.png.
 Every second row and column is dropped three times (1280x720 -> 160x90), labels the same way; the
 train split's per-pixel mean is written to DST/mean_image.npy for the configs' preprocessor.
-Re-running keeps what is already written (--overwrite redoes it).
+Bad source files (unreadable, truncated, of another size, with label values outside 0-18 and 255, or
+without their partner) are named one per line; all the others are converted and the exit status is 2.
+Outputs are written atomically; a rerun converts only what is missing (--overwrite redoes it all).
 """
 import argparse
+import os
 import sys
 import time
 
-from pide_zoo.data.bdd100k import LayoutError, prepare_bdd100k
+try:
+    import pide_zoo  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pide_zoo.data.bdd100k import LayoutError, convert_bdd100k
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--src', default='data/bdd100k', help='official BDD100K folder (default: %(default)s)')
     parser.add_argument('--dst', default='data/bdd100k_160x90', help='output folder (default: %(default)s)')
@@ -22,15 +30,27 @@ def main() -> int:
     parser.add_argument('--workers', type=int, default=0, help='worker processes (0: in this process)')
     parser.add_argument('--jpeg-quality', type=int, default=95, help='quality of the written images')
     parser.add_argument('--overwrite', action='store_true', help='rewrite files that already exist')
-    args = parser.parse_args()
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    args = parser.parse_args(argv)
     start = time.time()
     try:
-        counts = prepare_bdd100k(args.src, args.dst, args.splits, args.workers, args.overwrite, args.jpeg_quality)
+        s = convert_bdd100k(args.src, args.dst, args.splits, args.workers, args.overwrite, args.jpeg_quality,
+                            progress=not args.no_progress)
     except LayoutError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    print(f'wrote {", ".join(f"{n} {s}" for s, n in counts.items())} pairs to {args.dst} '
-          f'in {time.time() - start:.1f}s')
+    for problem in s.problems:
+        print(f'bad file: {problem}', file=sys.stderr)
+    done = s.done
+    print(f'{args.dst}: ' + ', '.join(f'{done[k]} of {n} {k} pairs' for k, n in s.pairs.items())
+          + f' (wrote {sum(s.written.values())}, kept {sum(s.kept.values())} already there) '
+          f'in {time.time() - start:.1f}s'
+          + (f'; {s.mean_image} averages {s.mean_of} train images' if s.mean_image else ''))
+    if s.problems:
+        missing = sum(s.pairs.values()) - sum(done.values())
+        print(f'error: {len(s.problems)} bad source file(s), listed above; {missing} pair(s) not converted. '
+              'Replace or remove them and rerun: only the missing pairs are converted.', file=sys.stderr)
+        return 2
     return 0
 
 
