@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,14 +27,14 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, CheckpointSaver, accuracy, get_state_dict, random_seed, unwrap_model
 from torch import Tensor, nn
 
-from .data.classification import dataset_info
+from .data.classification import DATASETS, dataset_info
 from .layers import smoothness_penalty
 
 __all__ = [
     'PAPER_SCHEDULE', 'PAPER_RECIPES', 'WD_PARAMS', 'CHECKPOINT_FORMAT', 'keras_l2_to_weight_decay',
     'weight_decay_param_groups', 'classifier_kwargs', 'epoch_seed', 'seed_epoch', 'plain', 'compute_loss',
-    'ClsCheckpointSaver', 'checkpoint_meta', 'load_checkpoint', 'model_from_checkpoint', 'train_one_epoch',
-    'evaluate', 'median_summary', 'load_model', 'create_lr_scheduler',
+    'ClsCheckpointSaver', 'checkpoint_meta', 'CheckpointError', 'load_checkpoint', 'model_from_checkpoint',
+    'load_models', 'train_one_epoch', 'evaluate', 'median_summary', 'load_model', 'create_lr_scheduler',
 ]
 
 # Epoch-level schedule of the authors' code (timm's multistep scheduler with a one-epoch warm-up prefix).
@@ -152,14 +154,66 @@ def checkpoint_meta(model_name: str, model_kwargs: Dict[str, Any], dataset: str,
                 data_mean=data_mean.detach().cpu().float(), args=plain(args) if args is not None else {})
 
 
+class CheckpointError(ValueError):
+    """A file is not a usable checkpoint of ``tools/train_cls.py``; the message names it and says what is wrong."""
+
+
+CHECKPOINT_KEYS = ('arch', 'model_kwargs', 'dataset', 'data_mean', 'epoch', 'state_dict')
+_NOT_OURS = 'not a checkpoint of tools/train_cls.py'
+_MMENGINE_HINT = ' (an mmengine / mmseg checkpoint? tools/test.py and mmseg.apis.init_model load those)'
+
+
+def _read_torch_file(path: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError` naming ``path``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file raises UnpicklingError, RuntimeError, EOFError...
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        foreign = re.search(r'GLOBAL ([\w.]+)', str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if foreign:
+            hint = _MMENGINE_HINT if foreign.group(1).startswith(('mmengine', 'numpy')) else ''
+            raise CheckpointError(f'{path}: {_NOT_OURS}: it holds {foreign.group(1)} objects, which a weights-only '
+                                  f'load refuses (these checkpoints hold tensors and plain data){hint}') from None
+        # torch's weights-only message opens with advice about its default; the reason is on a later line
+        reason = re.search(r'WeightsUnpickler error:\s*(.+)', str(e))
+        detail = reason.group(1).strip()[:200] if reason else first or 'the data ends early'
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f'{path}: the file is empty (0 bytes), not a torch checkpoint') from None
+        raise CheckpointError(f'{path}: cannot be read as a torch checkpoint, truncated or corrupt? '
+                              f'({type(e).__name__}: {detail})') from None
+
+
 def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """A checkpoint written by :class:`ClsCheckpointSaver`, read with ``weights_only=True``."""
+    """A checkpoint written by :class:`ClsCheckpointSaver`, read with ``weights_only=True`` and checked.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is unreadable (truncated, corrupt) or another kind of checkpoint; the
+            message names the file and what is wrong.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or 'arch' not in ckpt or 'model_kwargs' not in ckpt:
-        raise ValueError(f'{path!r} is not a checkpoint of tools/train_cls.py: it records no model name and '
-                         f'arguments (keys: {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__})')
+    ckpt = _read_torch_file(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path}: {_NOT_OURS}: it holds a {type(ckpt).__name__}, not a dict')
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        raise CheckpointError(f'{path}: {_NOT_OURS}: it is a bare state dict ({len(ckpt)} tensors, e.g. '
+                              f'{next(iter(ckpt))!r}); these checkpoints also record the model name, its arguments '
+                              'and the data mean')
+    if missing:
+        hint = _MMENGINE_HINT if 'meta' in ckpt and 'state_dict' in ckpt else ''
+        keys = sorted(map(str, ckpt))
+        raise CheckpointError(f'{path}: {_NOT_OURS}: it lacks {missing} (its keys: {keys[:8]}'
+                              f'{" ..." if len(keys) > 8 else ""}){hint}')
+    if not isinstance(ckpt['arch'], str) or not is_model(ckpt['arch']):
+        raise CheckpointError(f"{path}: records model {ckpt['arch']!r}, which is not a timm model name here")
+    if ckpt['dataset'] not in DATASETS:
+        raise CheckpointError(f"{path}: records dataset {ckpt['dataset']!r}, not one of {tuple(DATASETS)}")
+    mean = ckpt['data_mean']
+    if not isinstance(mean, Tensor) or mean.ndim != 3:
+        raise CheckpointError(f'{path}: its data_mean is not a (C, H, W) tensor: '
+                              f'{tuple(mean.shape) if isinstance(mean, Tensor) else type(mean).__name__}')
     return ckpt
 
 
@@ -174,12 +228,29 @@ def model_from_checkpoint(path_or_ckpt: Any, use_ema: bool = False,
     """
     import timm
 
-    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    is_path = isinstance(path_or_ckpt, (str, os.PathLike))
+    ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
+    source = str(path_or_ckpt) if is_path else 'the checkpoint'
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in ckpt:
-        raise ValueError(f'the checkpoint has no {key!r} (use_ema={use_ema}); it has {sorted(ckpt)}')
-    model = timm.create_model(ckpt['arch'], **ckpt['model_kwargs'])
-    model.load_state_dict(ckpt[key])
+        raise CheckpointError(f'{source}: has no {key!r} (use_ema={use_ema}); it has {sorted(ckpt)}')
+    try:
+        model = timm.create_model(ckpt['arch'], **ckpt['model_kwargs'])
+    except Exception as e:  # noqa: BLE001 - bad recorded arguments surface as TypeError, ValueError...
+        raise CheckpointError(f"{source}: cannot build its model {ckpt['arch']} {ckpt['model_kwargs']}: "
+                              f'{type(e).__name__}: {e}') from None
+    state, own = ckpt[key], model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f'{source}: its {key!r} is not a dict of tensors')
+    # Checked here rather than by load_state_dict, whose message is a page long.
+    mismatch = [(what, keys) for what, keys in (
+        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
+        ('of another shape', [k for k in state if k in own and state[k].shape != own[k].shape])) if keys]
+    if mismatch:
+        parts = ', '.join(f'{len(keys)} {what} (first: {keys[0]})' for what, keys in mismatch)
+        raise CheckpointError(f"{source}: its {key} does not fit {ckpt['arch']} {ckpt['model_kwargs']}: "
+                              f'{parts} weights')
+    model.load_state_dict(state)
     return model.to(device).eval(), ckpt
 
 
@@ -304,7 +375,11 @@ def load_model(checkpoint: Optional[str] = None, model_name: Optional[str] = Non
     """A trained model from ``checkpoint``, or a freshly initialised ``model_name`` for ``dataset``, in eval mode.
 
     Returns the model and what is known about it: ``arch``, ``model_kwargs``, ``dataset``, ``epoch``
-    (epochs trained) and ``data_mean`` (None for a fresh model: compute it from the train split).
+    (epochs trained), ``data_mean`` (None for a fresh model: compute it from the train split), ``source`` and
+    ``args`` (the training run's arguments; empty for a fresh model).
+
+    Raises:
+        CheckpointError: ``checkpoint`` is unreadable or not a checkpoint of ``tools/train_cls.py``.
     """
     import timm
 
@@ -313,11 +388,27 @@ def load_model(checkpoint: Optional[str] = None, model_name: Optional[str] = Non
     if checkpoint is not None:
         model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema, device=device)
         return model, dict(arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
-                           epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=str(checkpoint))
+                           epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=str(checkpoint),
+                           args=ckpt.get('args', {}))
     kwargs = classifier_kwargs(model_name, dataset, model_kwargs)
     model = timm.create_model(model_name, **kwargs).to(device).eval()
     return model, dict(arch=model_name, model_kwargs=plain(kwargs), dataset=dataset, epoch=0, data_mean=None,
-                       source='initialisation')
+                       source='initialisation', args={})
+
+
+def load_models(paths: Sequence[str], use_ema: bool = False,
+                device: Any = 'cpu') -> List[Tuple[nn.Module, Dict[str, Any]]]:
+    """:func:`load_model` of every checkpoint in ``paths``; checks them all first and raises one
+    :class:`CheckpointError` naming every bad file."""
+    loaded, errors = [], []
+    for path in paths:
+        try:
+            loaded.append(load_model(path, use_ema=use_ema, device=device))
+        except (CheckpointError, FileNotFoundError) as e:
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError('\n'.join(errors) if len(errors) > 1 else errors[0])
+    return loaded
 
 
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, sched: str = 'multistep',

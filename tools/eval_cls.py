@@ -13,8 +13,8 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from pide_zoo.data.classification import DATASETS, SPLITS, DatasetNotFoundError, build_dataset
-from pide_zoo.training import evaluate, load_checkpoint, median_summary, model_from_checkpoint
+from pide_zoo.data.classification import DATASETS, SPLITS, DatasetCorruptError, DatasetNotFoundError, build_dataset
+from pide_zoo.training import CheckpointError, evaluate, load_models, median_summary
 
 CHECKPOINT_NAMES = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
 
@@ -58,12 +58,11 @@ def main(argv=None) -> dict:
     paths = _resolve(parser, args)
     device = torch.device(args.device)
     results, datasets = [], {}
-    for path in paths:
-        try:
-            ckpt = load_checkpoint(path)
-            model, ckpt = model_from_checkpoint(ckpt, use_ema=args.use_ema, device=device)
-        except ValueError as e:
-            parser.error(str(e))
+    try:  # every checkpoint is checked before anything is evaluated; one message names each bad file
+        loaded = load_models(paths, use_ema=args.use_ema, device=device)
+    except CheckpointError as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    for path, (model, ckpt) in zip(paths, loaded):
         dataset = args.dataset or ckpt['dataset']
         if DATASETS[dataset].num_classes != ckpt['model_kwargs'].get('num_classes', DATASETS[dataset].num_classes):
             parser.error(f"{path} classifies {ckpt['model_kwargs']['num_classes']} classes, {dataset} has "
@@ -73,15 +72,15 @@ def main(argv=None) -> dict:
             try:
                 datasets[key] = build_dataset(dataset, args.split, args.data_dir, download=args.download,
                                               mean=ckpt['data_mean'], augment=False)
-            except DatasetNotFoundError as e:
-                parser.error(str(e))
+            except (DatasetNotFoundError, DatasetCorruptError) as e:
+                parser.exit(2, f'{parser.prog}: error: {e}\n')
         loader = DataLoader(datasets[key], batch_size=args.batch_size, num_workers=args.workers)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         metrics = evaluate(model, loader, device, channels_last=args.channels_last)
         results.append(dict(checkpoint=path, model=ckpt['arch'], dataset=dataset, split=args.split,
-                            epoch=ckpt['epoch'] + 1, seed=ckpt.get('args', {}).get('seed'), **metrics))
-        print(f"{path}: {ckpt['arch']} {dataset}/{args.split} epoch {ckpt['epoch'] + 1}: "
+                            epoch=ckpt['epoch'], seed=ckpt['args'].get('seed'), **metrics))
+        print(f"{path}: {ckpt['arch']} {dataset}/{args.split} epoch {ckpt['epoch']}: "
               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({metrics['count']} images)", flush=True)
     summary = median_summary(results)
     print(f"median over {summary['runs']} checkpoint(s): top1 {summary['top1']['median']:.2f} "

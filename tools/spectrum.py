@@ -37,8 +37,8 @@ def main(argv=None) -> dict:
     try:
         model, meta = load_model(args.checkpoint, args.model, args.model_kwargs, args.dataset, args.use_ema)
         spectra = nonlocal_spectra(model, fold_bn=args.fold_bn)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    except (ValueError, FileNotFoundError) as e:  # a bad checkpoint: the message names the file
+        p.exit(2, f'{p.prog}: error: {e}\n')
     os.makedirs(args.output, exist_ok=True)
     title = f"{meta['arch']}, {meta['dataset']}, epoch {meta['epoch']}"
     figures = plot_spectra(spectra, os.path.join(args.output, 'spectrum_'), title=title)

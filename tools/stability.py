@@ -16,7 +16,7 @@ import torch
 
 from pide_zoo.analysis import feature_norms, perturbation_sensitivity, plot_feature_norms, plot_sensitivity
 from pide_zoo.data.classification import DATASETS, load_split, per_pixel_mean
-from pide_zoo.training import load_model
+from pide_zoo.training import load_model, load_models
 
 
 def main(argv=None) -> dict:
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     if args.num_images < 1 or any(e <= 0 for e in args.eps):
         p.error(f'--num-images and --eps must be positive, got {args.num_images} and {args.eps}')
     try:
-        loaded = [load_model(c, use_ema=args.use_ema) for c in args.checkpoints]
+        loaded = load_models(args.checkpoints, use_ema=args.use_ema)  # names every bad checkpoint at once
         datasets = {meta['dataset'] for _, meta in loaded}
         if args.dataset is None and len(datasets) > 1:
             p.error(f'the checkpoints were trained on different datasets {sorted(datasets)}; pick one with --dataset')
@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
         train_mean = None
         if any(meta['data_mean'] is None for _, meta in loaded):
             train_mean = per_pixel_mean(load_split(dataset, args.data_dir, 'train')[0])
-    except (ValueError, FileNotFoundError) as e:  # DatasetNotFoundError names the layout and the alternatives
-        p.error(str(e))
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoints and data files: the message names them
+        p.exit(2, f'{p.prog}: error: {e}\n')
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
     x01 = torch.from_numpy(images[idx.numpy()]).float() / 255
     target = torch.from_numpy(labels[idx.numpy()])

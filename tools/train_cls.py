@@ -40,11 +40,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from pide_zoo.data.classification import DATASETS, DatasetNotFoundError, build_dataset
+from pide_zoo.data.classification import DATASETS, DatasetCorruptError, DatasetNotFoundError, build_dataset
 from pide_zoo.training import (
     PAPER_RECIPES,
     PAPER_SCHEDULE,
     WD_PARAMS,
+    CheckpointError,
     ClsCheckpointSaver,
     checkpoint_meta,
     classifier_kwargs,
@@ -224,8 +225,8 @@ def main(argv=None) -> dict:
         if args.download and args.distributed and primary:
             torch.distributed.barrier()
         test_set = build_dataset(args.dataset, 'test', args.data_dir, mean=train_set.mean)
-    except DatasetNotFoundError as e:
-        parser.error(str(e))
+    except (DatasetNotFoundError, DatasetCorruptError) as e:  # the message names the file and the remedy
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
     sampler, train_loader, test_loader = _loaders(args, train_set, test_set)
 
     torch.manual_seed(args.seed)  # the same initial weights whatever the process count
@@ -248,10 +249,13 @@ def main(argv=None) -> dict:
 
     start_epoch = 0
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
+        try:
+            ckpt = load_checkpoint(args.resume)
+        except (CheckpointError, FileNotFoundError) as e:
+            parser.exit(2, f'{parser.prog}: error: --resume {e}\n')
         if ckpt['arch'] != args.model or ckpt['model_kwargs'] != plain(model_kwargs):
-            parser.error(f"--resume {args.resume}: it holds {ckpt['arch']} {ckpt['model_kwargs']}, "
-                         f'not --model {args.model} {plain(model_kwargs)}')
+            parser.exit(2, f"{parser.prog}: error: --resume {args.resume}: it holds {ckpt['arch']} "
+                           f"{ckpt['model_kwargs']}, not --model {args.model} {plain(model_kwargs)}\n")
         start_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=loss_scaler,
                                         log_info=primary)
         if model_ema is not None and 'state_dict_ema' in ckpt:

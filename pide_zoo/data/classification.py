@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    'DATASETS', 'SPLITS', 'DatasetInfo', 'DatasetNotFoundError', 'ClassificationDataset', 'PadCropFlip',
+    'DATASETS', 'SPLITS', 'DatasetInfo', 'DatasetNotFoundError', 'DatasetCorruptError', 'ClassificationDataset',
+    'PadCropFlip',
     'dataset_info', 'load_split', 'load_digits_split', 'per_pixel_mean', 'build_dataset',
 ]
 
@@ -80,6 +81,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not where it was expected; the message names the layout and the alternatives."""
 
 
+class DatasetCorruptError(ValueError):
+    """A dataset file cannot be read or holds something else than the format promises; the message names the
+    file, what is wrong and how to get a good copy."""
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASETS`)."""
     if name not in DATASETS:
@@ -114,18 +120,51 @@ def _download(info: DatasetInfo, root: str) -> None:
         tvd.STL10(root, split='train', download=True)
 
 
-def _read_cifar(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, 'rb') as f:
-        entry = pickle.load(f, encoding='latin1')
-    images = np.asarray(entry['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return images, np.asarray(entry[label_key], dtype=np.int64)
+def _corrupt(path: str, problem: str, info: DatasetInfo) -> DatasetCorruptError:
+    return DatasetCorruptError(
+        f'{path}: {problem}; it is not a valid {info.title} file (truncated or corrupt?). Delete '
+        f'{os.path.dirname(path)} and pass --download to fetch {info.title} again.')
 
 
-def _read_stl10(folder: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+def _check_labels(path: str, labels: np.ndarray, n_images: int, low: int, info: DatasetInfo) -> None:
+    if len(labels) != n_images:
+        raise _corrupt(path, f'{len(labels)} labels for {n_images} images', info)
+    if len(labels) and (labels.min() < low or labels.max() >= low + info.num_classes):
+        raise _corrupt(path, f'label values {labels.min()}..{labels.max()} outside {low}..'
+                             f'{low + info.num_classes - 1}', info)
+
+
+def _read_cifar(path: str, label_key: str, info: DatasetInfo) -> Tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python pickle: images uint8 (N, 3, 32, 32) and labels; a bad file raises
+    :class:`DatasetCorruptError` naming it."""
+    try:
+        with open(path, 'rb') as f:
+            entry = pickle.load(f, encoding='latin1')
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything from EOFError to KeyError
+        raise _corrupt(path, f'cannot be unpickled ({type(e).__name__}: {e})', info) from None
+    if not isinstance(entry, dict) or 'data' not in entry or label_key not in entry:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise _corrupt(path, f"holds no 'data' and {label_key!r} entries (found: {keys})", info)
+    data = np.asarray(entry['data'])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _corrupt(path, f"'data' is {data.dtype} of shape {data.shape}, not uint8 rows of 3072 values", info)
+    labels = np.asarray(entry[label_key], dtype=np.int64)
+    _check_labels(path, labels, len(data), 0, info)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_stl10(folder: str, split: str, info: DatasetInfo) -> Tuple[np.ndarray, np.ndarray]:
+    """The STL-10 binaries of one split; a bad file raises :class:`DatasetCorruptError` naming it."""
+    x_path, y_path = os.path.join(folder, f'{split}_X.bin'), os.path.join(folder, f'{split}_y.bin')
+    per_image = 3 * 96 * 96
+    raw = np.fromfile(x_path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % per_image:
+        raise _corrupt(x_path, f'{raw.size} bytes, not a positive multiple of 3 x 96 x 96 = {per_image}', info)
     # The binary files store each image column-major: (N, C, W, H).
-    images = np.fromfile(os.path.join(folder, f'{split}_X.bin'), dtype=np.uint8).reshape(-1, 3, 96, 96)
-    labels = np.fromfile(os.path.join(folder, f'{split}_y.bin'), dtype=np.uint8).astype(np.int64) - 1
-    return np.ascontiguousarray(images.transpose(0, 1, 3, 2)), labels
+    images = raw.reshape(-1, 3, 96, 96)
+    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
+    _check_labels(y_path, labels, len(images), 1, info)
+    return np.ascontiguousarray(images.transpose(0, 1, 3, 2)), labels - 1
 
 
 def load_digits_split(split: str, img_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
@@ -158,6 +197,7 @@ def load_split(name: str, root: Optional[str] = None, split: str = 'train',
 
     Raises:
         DatasetNotFoundError: the files are missing (and ``download`` is False).
+        DatasetCorruptError: a file cannot be read or does not hold the format's images and labels.
     """
     info = dataset_info(name)
     _check_split(split)
@@ -171,9 +211,9 @@ def load_split(name: str, root: Optional[str] = None, split: str = 'train',
     if not present:
         raise DatasetNotFoundError(missing_message(info, root, split))
     if name == 'stl10':
-        return _read_stl10(folder, split)
+        return _read_stl10(folder, split, info)
     label_key = 'labels' if name == 'cifar10' else 'fine_labels'
-    parts = [_read_cifar(os.path.join(folder, f), label_key) for f in info.files[split]]
+    parts = [_read_cifar(os.path.join(folder, f), label_key, info) for f in info.files[split]]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
