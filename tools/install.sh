@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One-command set-up: a virtual environment in .venv with torch, timm, fvcore, the OpenMMLab
-# stack (full mmcv with compiled ops, built once from source and cached) and pide_zoo itself.
+# stack (full mmcv with compiled ops, built once from source and cached), the ONNX tools and
+# pide_zoo itself, plus the installed timm version's own model tests (tests/test_models.py from its
+# source distribution, cached; the project's test suite runs them on its models).
 #
 #   bash tools/install.sh            # create or update .venv
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
-# PIDE_ZOO_CACHE (wheel cache, default ~/.cache/pide_zoo), MAX_JOBS (mmcv build jobs, default nproc).
+# PIDE_ZOO_CACHE (mmcv wheel and timm tests, default ~/.cache/pide_zoo), MAX_JOBS (mmcv build jobs,
+# default nproc).
 set -euo pipefail
 
 TORCH_VERSION=2.14.1
@@ -34,12 +37,20 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-# Everything pip would install, as one fingerprint: if it matches the stamp and the imports work,
-# the environment is ready and nothing is touched.
+# timm's own tests/test_models.py for the installed timm version, unpacked from its source
+# distribution (the wheel has no tests) into $CACHE/timm-<version>/; tests/timm_suite reads them there.
+timm_tests_dir() {
+  CACHE="$CACHE" "$PY" -c "import os, timm; print(os.path.join(os.environ['CACHE'], 'timm-' + timm.__version__))" \
+    2>/dev/null
+}
+
+# Everything pip would install, as one fingerprint: if it matches the stamp, the imports work and
+# timm's tests are cached, the environment is ready and nothing is touched.
 STAMP="$VENV/.pide_zoo_install"
 FINGERPRINT="$(cat "$0" setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$FINGERPRINT" ] \
-   && "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, pide_zoo" 2>/dev/null; then
+   && "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, pide_zoo" 2>/dev/null \
+   && [ -f "$(timm_tests_dir)/tests/test_models.py" ]; then
   step "environment is up to date (delete $STAMP to force a reinstall)"
   exit 0
 fi
@@ -103,11 +114,28 @@ else
   "${PIP[@]}" install -q "$WHEEL"  # its pure-Python requirements (addict, yapf, ...)
 fi
 
-step "installing pide_zoo (editable) with its extras"
+step "installing pide_zoo (editable) with its extras (seg, cls, export, test)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[all]"
 
+TIMM_SRC="$(timm_tests_dir)"
+TIMM_VERSION="${TIMM_SRC##*/timm-}"
+if [ -f "$TIMM_SRC/tests/test_models.py" ]; then
+  step "timm $TIMM_VERSION's own tests already cached in $TIMM_SRC"
+else
+  step "fetching timm $TIMM_VERSION's own tests from its source distribution into $TIMM_SRC"
+  SDIST="$(mktemp -d)"
+  "${PIP[@]}" download -q --no-deps --no-binary :all: -d "$SDIST" "timm==$TIMM_VERSION"
+  tar -xzf "$SDIST"/timm-"$TIMM_VERSION".tar.gz -C "$SDIST"
+  [ -f "$SDIST/timm-$TIMM_VERSION/tests/test_models.py" ] \
+    || die "timm $TIMM_VERSION's source distribution has no tests/test_models.py"
+  mkdir -p "$SDIST/keep"
+  cp -r "$SDIST/timm-$TIMM_VERSION/tests" "$SDIST/timm-$TIMM_VERSION/pyproject.toml" "$SDIST/keep/"
+  rm -rf "$TIMM_SRC" && mv "$SDIST/keep" "$TIMM_SRC"  # whole or not at all
+  rm -rf "$SDIST"
+fi
+
 step "checking imports"
-"$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, pide_zoo; print('  torch', __import__('torch').__version__, '| timm', timm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| pide_zoo', pide_zoo.__version__)"
+"$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, pide_zoo; print('  torch', __import__('torch').__version__, '| timm', timm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| pide_zoo', pide_zoo.__version__)"
 
 echo "$FINGERPRINT" >"$STAMP"
 step "done: activate with 'source $VENV/bin/activate' or call $VENV/bin/python"

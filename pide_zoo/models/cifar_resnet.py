@@ -171,6 +171,8 @@ class CifarResNet(StagedFeaturesMixin, nn.Module):
         p = next(self.stem.parameters())
         self.fc = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0 \
             else nn.Identity()
+        for m in (self.global_pool, self.head_drop, self.fc):  # a new head keeps the model's train/eval mode
+            m.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_chans, 1)

@@ -201,6 +201,8 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         self.head_drop = nn.Dropout(self.drop_rate)
         self.fc = nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes > 0 \
             else nn.Identity()
+        for m in (self.global_pool, self.head_drop, self.fc):  # a new head keeps the model's train/eval mode
+            m.train(self.training)
 
     def _init_weights(self) -> None:
         # He-normal for the stem and transitions (the blocks initialise themselves), as the authors' code.
@@ -210,7 +212,13 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.\w+\.(\w+)\.(\d+)')
+        # Numeric ordinals in forward order: transition, then block j as (j, 1); nonlocal block k runs after k
+        # Hamiltonian blocks, so (k, 0) puts it between blocks k - 1 and k.
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.transition', None),
+            (r'^stages\.(\d+)\.unit\.blocks\.(\d+)', (1,)),
+            (r'^stages\.(\d+)\.unit\.nonlocals\.(\d+)', (0,)),
+        ])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -256,7 +264,7 @@ def _create_hamiltonian_net(variant: str, pretrained: bool = False, **kwargs) ->
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
-        'url': url, 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': None, 'fixed_input_size': True,
+        'url': url, 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'fixed_input_size': True,
         'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': CIFAR10_MEAN, 'std': UNIT_STD,
         'first_conv': 'stem.conv', 'classifier': 'fc', 'license': 'apache-2.0',
         'paper_ids': 'INS Preprint No. 2102', 'paper_name': 'Deep Neural Networks and PIDE discretizations',
@@ -268,7 +276,7 @@ def _dataset_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
     return {
         f'{name}.cifar10': _cfg(),
         f'{name}.cifar100': _cfg(num_classes=100, mean=CIFAR100_MEAN),
-        f'{name}.stl10': _cfg(input_size=(3, 96, 96), mean=STL10_MEAN),
+        f'{name}.stl10': _cfg(input_size=(3, 96, 96), pool_size=(24, 24), mean=STL10_MEAN),
     }
 
 
