@@ -249,6 +249,28 @@ def test_every_table_entry_has_a_config():
         train_cls.parse_args(train_cls.build_parser(), ['-c', osp.join(ROOT, 'configs', 'cls', path)])
 
 
+def test_digits_without_config_uses_the_digits_recipe():
+    train_cls = _tool('train_cls')
+
+    def parse(*argv):
+        return train_cls.parse_args(train_cls.build_parser(), list(argv))
+
+    args = parse('--model', 'nl_hamiltonian74', '--dataset', 'digits')
+    assert args.config == osp.join(ROOT, 'configs', 'cls', 'nl_hamiltonian74_digits.yaml')
+    assert (args.epochs, args.batch_size, args.lr, args.decay_milestones, args.workers) == (4, 32, 0.05, [3], 0)
+    assert 'digits recipe of configs/cls/nl_hamiltonian74_digits.yaml (epochs 4, batch_size 32' in args.recipe_note
+    args = parse('--dataset', 'digits', '--epochs', '2', '-b', '16')  # the command line still wins
+    assert (args.epochs, args.batch_size, args.lr) == (2, 16, 0.05) and 'epochs 2, batch_size 16' in args.recipe_note
+    args = parse('--model', 'resnet44_cifar', '--dataset', 'digits')
+    assert args.model == 'resnet44_cifar' and args.config.endswith('resnet44_cifar_digits.yaml')
+    args = parse('--model', 'preresnet20_cifar', '--dataset', 'digits')  # no file of its own: the same recipe
+    assert args.model == 'preresnet20_cifar' and args.config.endswith('nl_hamiltonian74_digits.yaml')
+    assert args.epochs == 4
+    for dataset in ('cifar10', 'stl10'):  # the paper's recipe stays the default there
+        args = parse('--dataset', dataset)
+        assert (args.config, args.recipe_note, args.epochs, args.lr) == ('', '', 200, 0.1)
+
+
 def test_bad_arguments_name_the_option_and_the_choices(tmp_path, capsys):
     train_cls = _tool('train_cls')
     for argv, msg in ((['--dataset', 'mnist'], '--dataset must be one of cifar10, cifar100, stl10, digits'),
@@ -349,9 +371,10 @@ def test_eval_every_keeps_the_log_columns(tmp_path):
 def test_digits_end_to_end_tiny(tmp_path):
     """The embedded dataset through the tool (a tiny network; the full-size result is a recorded benchmark)."""
     out_dir = str(tmp_path / 'digits')
-    _run(['tools/train_cls.py', '--dataset', 'digits', '--model', 'nl_hamiltonian74', '--model-kwargs',
-          'depths=(1,1,1)', 'widths=(8,8,16)', '--epochs', '2', '-b', '32', '-j', '0', '--no-progress',
-          '--output', out_dir])
+    out = _run(['tools/train_cls.py', '--dataset', 'digits', '--model', 'nl_hamiltonian74', '--model-kwargs',
+                'depths=(1,1,1)', 'widths=(8,8,16)', '--epochs', '2', '-b', '32', '-j', '0', '--no-progress',
+                '--output', out_dir])
+    assert 'digits recipe of configs/cls/nl_hamiltonian74_digits.yaml (epochs 2, batch_size 32, lr 0.05' in out.stderr
     summary = json.loads(open(osp.join(out_dir, 'summary.json')).read())
     assert summary['test_images'] == 360 and summary['top1'] > 50
 
@@ -359,7 +382,8 @@ def test_digits_end_to_end_tiny(tmp_path):
 @pytest.mark.skipif(not os.environ.get('PIDE_ZOO_DIGITS_BENCHMARK'),
                     reason='recorded benchmark (minutes on CPU): set PIDE_ZOO_DIGITS_BENCHMARK=1')
 def test_digits_benchmark_nl_hamiltonian74(tmp_path):
-    _run(['tools/train_cls.py', '-c', 'configs/cls/nl_hamiltonian74_digits.yaml', '--no-progress',
+    """The first command a reader tries: no config, the digits recipe, >= 95 % top-1 in minutes."""
+    _run(['tools/train_cls.py', '--model', 'nl_hamiltonian74', '--dataset', 'digits', '--no-progress',
           '--output', str(tmp_path / 'digits')], timeout=3600)
     summary = json.loads((tmp_path / 'digits' / 'summary.json').read_text())
-    assert summary['top1'] >= 95.0, summary
+    assert summary['epochs'] == 4 and summary['top1'] >= 95.0, summary
