@@ -41,7 +41,7 @@ def test_no_unsupported_ops_dense(name):
     assert unsupported == {} and total > 0
 
 
-# 'auto' is the low-rank path for diffusion and the tiled path for the distance kernels; the other
+# 'auto' is the low-rank path for diffusion and the fused path for the distance kernels; the other
 # nonlocal models trace the same ops as one of these.
 @pytest.mark.parametrize('name', ['nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_log'])
 def test_no_unsupported_ops_efficient_path(name):
@@ -106,24 +106,19 @@ def test_lowrank_block_never_forms_the_kernel():
     assert by_op['bmm'] == s * (e * m * c + c * e * n + e * n)
 
 
-def test_tiled_block_recomputes_the_kernel_per_stage():
-    n, m, e, c, s = 64, 16, 4, 8, 2
-    block = _block('frac_laplacian', tile_size=16)  # 4 tiles of query positions
-    dense = flop_analysis(block, (c, 8, 8), nonlocal_method='dense').by_operator()
-    tiled = flop_analysis(block, (c, 8, 8), nonlocal_method='tiled')
-    assert tiled.unsupported_ops() == {}
-    assert dense['bmm'] == e * n * m + s * c * n * m
-    assert tiled.by_operator()['bmm'] == s * (e * n * m + c * n * m)
-
-
 @pytest.mark.parametrize('operator', ['frac_laplacian', 'log'])
-def test_tiled_block_forms_a_single_tile_kernel_once(operator):
+def test_fused_block_evaluates_the_kernel_per_stage(operator):
     n, m, e, c, s = 64, 16, 4, 8, 2
-    for tile_size in (None, 64):  # the automatic tile (2^24 elements) and one of exactly N queries
-        block = _block(operator, tile_size=tile_size)
-        tiled = flop_analysis(block, (c, 8, 8), nonlocal_method='tiled').by_operator()
-        assert tiled['bmm'] == e * n * m + s * c * n * m
-        assert tiled == flop_analysis(block, (c, 8, 8), nonlocal_method='dense').by_operator()
+    block = _block(operator)
+    dense = flop_analysis(block, (c, 8, 8), nonlocal_method='dense').by_operator()
+    assert dense['bmm'] == e * n * m + s * c * n * m  # the paper's kernel, formed once
+    for tile_size in (None, 64, 16):  # one tile of all queries, and 4 tiles
+        block.tile_size = tile_size
+        fused = flop_analysis(block, (c, 8, 8), nonlocal_method='fused')
+        assert fused.unsupported_ops() == {}
+        by_op = fused.by_operator()
+        # per stage: squared distances |theta_i|^2 + |phi_j|^2 - 2 theta_i.phi_j, then sum_j w_ij V_j
+        assert by_op['baddbmm'] == s * e * n * m and by_op['bmm'] == s * c * n * m
 
 
 @pytest.mark.parametrize('kwargs', [dict(operator='diffusion', kernel='gaussian'),
@@ -163,13 +158,13 @@ def test_handles_table():
 def test_set_nonlocal_method_restores():
     model = create_paper_model('nl_hamiltonian74_log')[0]
     blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
-    assert len(blocks) == 3 and all(b.method == 'tiled' for b in blocks)
+    assert len(blocks) == 3 and all(b.method == 'fused' for b in blocks)
     with set_nonlocal_method(model, 'dense'):
         assert all(b.method == 'dense' for b in blocks)
-    assert all(b.method == 'tiled' for b in blocks)
+    assert all(b.method == 'fused' for b in blocks)
     with pytest.raises(ValueError, match='lowrank'), set_nonlocal_method(model, 'lowrank'):
         pass
-    assert all(b.method == 'tiled' for b in blocks)
+    assert all(b.method == 'fused' for b in blocks)
 
 
 def test_count_flops_restores_mode_and_is_deterministic():

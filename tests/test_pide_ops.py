@@ -32,7 +32,7 @@ def test_constants_n2_closed_forms():
 
 
 @pytest.mark.parametrize('operator,kernel,s', CASES)
-@pytest.mark.parametrize('method', ['dense', 'tiled', 'auto'])
+@pytest.mark.parametrize('method', ['dense', 'fused', 'auto'])
 @pytest.mark.parametrize('normalizer', [None, 'query', 'rowsum', 2.5])
 def test_aggregate_matches_double_loop(operator, kernel, s, method, normalizer):
     theta, phi, vq, vk = _inputs()
@@ -71,23 +71,39 @@ def test_lowrank_never_forms_the_n_by_m_kernel(monkeypatch):
     assert (1, 40, 30) in shapes
 
 
-def test_tiled_path_bounds_kernel_tiles(monkeypatch):
-    theta, phi, vq, vk = _inputs(b=1, n=50, m=20)
-    sizes = []
-    real = pide_ops.pide_kernel
+def test_fused_path_evaluates_each_tile_once_per_pass(monkeypatch):
+    theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=1, n=50, m=20)]
+    calls = []
+    real = pide_ops._KernelSpec.tile
 
-    def spy(*a, **k):
-        out = real(*a, **k)
-        sizes.append(out.shape[1])
-        return out
+    def spy(self, theta_t, *a, **k):
+        calls.append(theta_t.shape[2])
+        return real(self, theta_t, *a, **k)
 
-    monkeypatch.setattr(pide_ops, 'pide_kernel', spy)
-    nonlocal_aggregate(theta, phi, vq, vk, operator='log', method='tiled', tile_size=16)
-    assert sizes == [16, 16, 16, 2]
+    monkeypatch.setattr(pide_ops._KernelSpec, 'tile', spy)
+    out = nonlocal_aggregate(theta, phi, vq, vk, operator='log', method='fused', tile_size=16)
+    assert calls == [16, 16, 16, 2]
+    calls.clear()
+    out.sum().backward()
+    assert calls == [16, 16, 16, 2]
+
+
+def test_tiled_is_the_fused_path():
+    assert pide_ops.resolve_method('tiled', 'log', 'dot') == 'fused'
+    assert pide_ops.resolve_method('auto', 'frac_laplacian', 'dot') == 'fused'
+    assert pide_ops.resolve_method('auto', 'diffusion', 'gaussian') == 'fused'
+    assert pide_ops.resolve_method('auto', 'diffusion', 'dot') == 'lowrank'
+
+
+def test_default_tile_size_rule():
+    assert pide_ops.query_tile(8, 1590) == (1 << 21) // (8 * 1590)  # 164 queries on CPU
+    assert pide_ops.query_tile(8, 1590, device='cuda') == (1 << 24) // (8 * 1590)
+    assert pide_ops.query_tile(8, 10 ** 7) == 1
+    assert pide_ops.query_tile(8, 1590, tile_size=5) == 5
 
 
 @pytest.mark.parametrize('operator,kernel,s', CASES)
-@pytest.mark.parametrize('method', ['dense', 'tiled', 'auto'])
+@pytest.mark.parametrize('method', ['dense', 'fused', 'auto'])
 def test_gradcheck(operator, kernel, s, method):
     theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=1, e=3, c=2, n=5, m=4, seed=1)]
     fn = lambda *t: nonlocal_aggregate(*t, operator=operator, s=s, lam=0.5, kernel=kernel, method=method,  # noqa: E731
@@ -111,6 +127,74 @@ def test_lowrank_backward_matches_dense(normalizer, needs):
     ts = [t.clone().requires_grad_(i in needs) for i, t in enumerate(base)]
     assert torch.autograd.gradcheck(
         lambda *t: nonlocal_aggregate(*t, operator='diffusion', lam=0.3, normalizer=normalizer, method='lowrank'), ts)
+
+
+@pytest.mark.parametrize('operator,kernel,s', CASES)
+@pytest.mark.parametrize('normalizer', ['key', 'query', 2.5, 'rowsum'])
+@pytest.mark.parametrize('needs', [(0, 1, 2, 3), (0,), (1, 3), (2,)])
+def test_fused_backward_matches_dense(operator, kernel, s, normalizer, needs):
+    """The fused path's hand-written backward against autograd through the dense kernel, over 3 tiles."""
+    base = _inputs(b=2, e=3, c=4, n=9, m=5, seed=6)
+    grad_out = torch.randn(2, 4, 9, dtype=torch.float64)
+    grads = {}
+    for method in ('fused', 'dense'):
+        ts = [t.clone().requires_grad_(i in needs) for i, t in enumerate(base)]
+        out = nonlocal_aggregate(*ts, operator=operator, s=s, kernel=kernel, lam=0.3, normalizer=normalizer,
+                                 method=method, tile_size=4)
+        if out.requires_grad:
+            grads[method] = torch.autograd.grad(out, [ts[i] for i in needs], grad_out, allow_unused=True)
+        else:  # only v_query requires grad, and (4.5), (4.6) do not use it with a fixed normalizer
+            grads[method] = [None] * len(needs)
+    for got, want in zip(grads['fused'], grads['dense']):
+        if want is None:  # v_query does not enter (4.5), (4.6) with a fixed normalizer
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('operator,kernel,s', CASES)
+def test_fused_saves_no_kernel_sized_tensor(operator, kernel, s):
+    """Nothing with B*N*M elements is saved for backward on the fused path, where the dense path saves some."""
+    b, n, m = 2, 60, 50
+    theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=b, e=3, c=4, n=n, m=m, seed=8)]
+    for method in ('fused', 'dense'):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t,
+                                                      lambda t: t):
+            out = nonlocal_aggregate(theta, phi, vq, vk, operator=operator, s=s, kernel=kernel,
+                                     normalizer='rowsum', method=method, tile_size=16)
+        out.sum().backward()
+        assert (max(saved) >= b * n * m) == (method == 'dense'), (method, max(saved))
+
+
+@pytest.mark.parametrize('operator', OPS[1:])
+def test_fused_allocates_only_tiles(operator):
+    """Forward and backward never allocate more than one B x tile x M kernel tile at a time."""
+    b, n, m, tile = 2, 64, 48, 8
+    theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=b, e=3, c=4, n=n, m=m, seed=9)]
+    with _LargestOutput() as fwd:
+        out = nonlocal_aggregate(theta, phi, vq, vk, operator=operator, method='fused', tile_size=tile)
+    with _LargestOutput() as bwd:
+        out.backward(torch.randn_like(out))
+    assert fwd.largest == bwd.largest == b * tile * m
+    with _LargestOutput() as dense:
+        nonlocal_aggregate(theta, phi, vq, vk, operator=operator, method='dense')
+    assert dense.largest == b * n * m
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 class _FullSizeStorages(TorchDispatchMode):
@@ -141,7 +225,7 @@ def test_lowrank_allocates_few_full_size_tensors():
 
 
 @pytest.mark.parametrize('operator', OPS)
-@pytest.mark.parametrize('method', ['dense', 'tiled'])
+@pytest.mark.parametrize('method', ['dense', 'fused'])
 def test_coincident_embeddings_contribute_nothing(operator, method):
     theta, phi, vq, vk = _inputs(n=6, m=6, seed=2)
     phi = phi.clone()
@@ -159,7 +243,7 @@ def test_nearly_coincident_gradients_are_finite(operator, dtype, gap):
     theta, phi, vq, vk = _inputs(b=2, n=8, m=8, seed=4, dtype=dtype)
     phi = (theta + gap * torch.randn_like(theta)).detach()  # every pair i == j (nearly) coincident
     ts = [t.clone().requires_grad_() for t in (theta, phi, vq, vk)]
-    for method in ('dense', 'tiled'):
+    for method in ('dense', 'fused'):
         out = nonlocal_aggregate(*ts, operator=operator, method=method, tile_size=3)
         assert torch.isfinite(out).all()
         grads = torch.autograd.grad(out.square().sum(), ts, allow_unused=True)  # v_query unused by (4.5), (4.6)

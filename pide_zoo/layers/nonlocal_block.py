@@ -19,7 +19,6 @@ from .pide_ops import (
     check_tile_size,
     nonlocal_aggregate,
     pide_kernel,
-    query_tile,
     resolve_method,
     resolve_operator,
 )
@@ -43,16 +42,12 @@ def _check_input(x: Tensor, channels: int, subsample: int) -> None:
             f'x spatial size {tuple(x.shape[2:])} must be at least subsample={subsample} in each dimension')
 
 
-def _shared_kernel(theta: Tensor, phi: Tensor, *, method: str, tile_size: Optional[int], operator: str,
-                   s: Optional[float], n: int, lam: float, kernel: str) -> Tensor:
-    """The (B, N, M) kernel all stages reuse, or an empty tensor (not None: torch.fx traces this call as
-    a leaf, so the caller cannot branch on its result) where each stage evaluates its own.
-
-    'dense' always forms it (the paper's way). 'tiled' forms it when one tile holds every query:
-    per-stage tiles would then recompute the same kernel and keep one copy per stage for backward.
-    """
-    b, _, n_query = theta.shape
-    if method == 'dense' or (method == 'tiled' and n_query <= query_tile(b, phi.shape[2], tile_size)):
+def _shared_kernel(theta: Tensor, phi: Tensor, *, method: str, operator: str, s: Optional[float], n: int,
+                   lam: float, kernel: str) -> Tensor:
+    """The (B, N, M) kernel all stages reuse on the dense path (the paper's way), or an empty tensor (not
+    None: torch.fx traces this call as a leaf, so the caller cannot branch on its result) where each
+    stage evaluates its own kernel tiles."""
+    if method == 'dense':
         return pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
     return theta.new_zeros(0)
 
@@ -102,10 +97,10 @@ class PIDEBlock(nn.Module):
         kernel: ``'dot'`` or ``'gaussian'`` (diffusion only).
         symmetric: use theta on both sides of the kernel (no phi).
         normalizer: ``'key'`` (M, default), ``'query'``, ``'rowsum'`` or a number.
-        method: ``'auto'`` (low rank for the dot diffusion kernel, else tiled), ``'lowrank'``, ``'tiled'``
-            or ``'dense'`` (the N x M kernel formed once, as the paper). The tiled path also forms the
-            kernel once for all stages when a single tile holds every query position.
-        tile_size: query positions per tile of the tiled path.
+        method: ``'auto'`` (low rank for the dot diffusion kernel, else fused), ``'lowrank'``, ``'fused'``
+            (alias ``'tiled'``: query tiles with a hand-written backward, memory linear in N) or ``'dense'``
+            (the N x M kernel formed once for all stages, as the paper).
+        tile_size: query positions per tile of the fused path (default: automatic, see ``query_tile``).
         norm_layer: normalisation after each K_k.
         act_layer: activation after the normalisation.
         in_channels: alias of ``channels`` for mmcv's plugin builder.
@@ -195,7 +190,7 @@ class PIDEBlock(nn.Module):
         kern = rowsum = None
         if self.method != 'lowrank':
             # Formed once from X and reused by every stage where that is the cheaper way.
-            kern = _shared_kernel(theta, phi, method=self.method, tile_size=self.tile_size, **kernel_kw)
+            kern = _shared_kernel(theta, phi, method=self.method, **kernel_kw)
             rowsum = _shared_rowsum(kern, operator=self.operator, normalizer=self.normalizer)
         out = x
         for conv, norm in zip(self.convs, self.norms):

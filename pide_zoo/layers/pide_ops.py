@@ -12,23 +12,24 @@ Three ways to evaluate them, all exact:
 
 * ``'lowrank'``: the dot-product diffusion kernel has rank E, so sum_j w_ij V_j = lam theta_i^T (Phi V^T)
   costs O(N E C) and never forms the N x M kernel;
-* ``'tiled'``: any kernel, evaluated over tiles of query positions with activation checkpointing, so
-  memory stays O(tile M) in the forward and the backward pass;
+* ``'fused'`` (alias ``'tiled'``): any kernel, evaluated over tiles of query positions by an autograd
+  function with a hand-written backward that saves only the inputs and O(B N) row sums and evaluates
+  each tile once more to form every gradient, so memory stays O(tile M) beyond the inputs;
 * ``'dense'``: the N x M kernel at once, as the paper computed it (for benchmarks and FLOP counts).
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from numbers import Real
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    'OPERATORS', 'OPERATOR_ALIASES', 'KERNELS', 'NORMALIZERS', 'METHODS', 'EULER_GAMMA',
+    'OPERATORS', 'OPERATOR_ALIASES', 'KERNELS', 'NORMALIZERS', 'METHODS', 'METHOD_ALIASES', 'EULER_GAMMA',
     'resolve_operator', 'default_s', 'check_s', 'check_normalizer', 'check_tile_size', 'pide_constant',
     'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method', 'query_tile',
 ]
@@ -36,7 +37,9 @@ __all__ = [
 OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
 KERNELS = ('dot', 'gaussian')
 NORMALIZERS = ('key', 'query', 'rowsum')
-METHODS = ('auto', 'lowrank', 'tiled', 'dense')
+METHODS = ('auto', 'lowrank', 'fused', 'dense')
+# Earlier name of the fused tiled path, still accepted.
+METHOD_ALIASES = {'tiled': 'fused'}
 EULER_GAMMA = 0.5772156649015329
 
 # The paper's names and common spellings for each operator.
@@ -54,8 +57,12 @@ OPERATOR_ALIASES = {
 # distance obtained from |a|^2 - 2 a.b + |b|^2 is rounding noise: the pair counts as coincident.
 _COINCIDENT_EPS = 64.0
 _ROWSUM_EPS = 1e-6
-# Elements of one float32 kernel tile (B * tile * M) when tile_size is not given: 64 MiB.
-_TILE_ELEMENTS = 1 << 24
+# Elements of one kernel tile (B * tile * M) when tile_size is not given. On CPU the fused path ran
+# fastest with tiles of about 2^21 elements (8 MiB in float32: 128 queries x 1590 keys x batch 8 at
+# BDD100K 160x90, pool 3), which the cores' caches and the allocator reuse; tiles of 2^23 and more lost
+# 2-3x to cache misses and page zeroing. GPUs want larger tiles to fill the device: 2^24 (64 MiB).
+_TILE_ELEMENTS = {'cpu': 1 << 21}
+_TILE_ELEMENTS_DEFAULT = 1 << 24
 
 
 def resolve_operator(operator: str) -> str:
@@ -118,6 +125,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _autocast_off(t: Tensor):
+    """Autocast disabled on ``t``'s device; a no-op where the device has no autocast (meta: shape-only runs)."""
+    kind = t.device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+
+
 def _squared_distance(theta: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     """Squared distances (B, N, M) between theta (B, E, N) and phi (B, E, M), and the coincidence mask."""
     tt = theta.pow(2).sum(1)  # (B, N)
@@ -152,7 +165,7 @@ def pide_kernel(
     operator = resolve_operator(operator)
     s = check_s(operator, s, n)
     dtype = _compute_dtype(theta, phi)
-    with torch.autocast(theta.device.type, enabled=False):
+    with _autocast_off(theta):
         theta, phi = theta.to(dtype), phi.to(dtype)
         if operator == 'diffusion':
             if kernel not in KERNELS:
@@ -167,8 +180,14 @@ def pide_kernel(
             values = c * (-torch.log(d2) - EULER_GAMMA)  # -2 log|d| = -log |d|^2
         else:
             power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
-            values = c * d2.pow(-power / 2)
+            values = c * _inverse_power(d2, power)
         return torch.where(apart, values, torch.zeros_like(values))
+
+
+def _guarded_rowsum(rowsum: Tensor) -> Tensor:
+    # sum_j w_ij can be zero or negative (dot and log kernels): keep its sign, bound it away from 0.
+    sign = torch.where(rowsum < 0, -torch.ones_like(rowsum), torch.ones_like(rowsum))
+    return sign * rowsum.abs().clamp_min(_ROWSUM_EPS)
 
 
 def _normalize(agg: Tensor, rowsum: Tensor, normalizer: Union[str, float], m: int, n_query: int) -> Tensor:
@@ -177,9 +196,7 @@ def _normalize(agg: Tensor, rowsum: Tensor, normalizer: Union[str, float], m: in
     if normalizer == 'query':
         return agg / n_query
     if normalizer == 'rowsum':
-        # sum_j w_ij can be zero or negative (dot and log kernels): keep its sign, bound it away from 0.
-        sign = torch.where(rowsum < 0, -torch.ones_like(rowsum), torch.ones_like(rowsum))
-        return agg / (sign * rowsum.abs().clamp_min(_ROWSUM_EPS)).unsqueeze(1)
+        return agg / _guarded_rowsum(rowsum).unsqueeze(1)
     return agg / normalizer
 
 
@@ -200,7 +217,7 @@ def apply_kernel(
     operator = resolve_operator(operator)
     normalizer = check_normalizer(normalizer)
     dtype = kern.dtype
-    with torch.autocast(kern.device.type, enabled=False):
+    with _autocast_off(kern):
         vq, vk = v_query.to(dtype), v_key.to(dtype)
         agg = torch.bmm(vk, kern.transpose(1, 2))  # (B, C, N): sum_j w_ij V_j
         if rowsum is None and (operator in ('diffusion', 'frac_laplacian') or normalizer == 'rowsum'):
@@ -232,18 +249,22 @@ def check_tile_size(tile_size: Optional[int]) -> Optional[int]:
     return tile_size
 
 
-def query_tile(batch: int, keys: int, tile_size: Optional[int] = None) -> int:
-    """Query positions per tile of the tiled path: ``tile_size``, or as many as keep a tile near 2^24 elements."""
-    return check_tile_size(tile_size) or max(1, _TILE_ELEMENTS // max(1, batch * keys))
+def query_tile(batch: int, keys: int, tile_size: Optional[int] = None, device: Union[str, torch.device] = 'cpu') -> int:
+    """Query positions per tile of the fused path: ``tile_size``, or as many as keep a tile near
+    2^21 elements on CPU and 2^24 on other devices."""
+    budget = _TILE_ELEMENTS.get(torch.device(device).type, _TILE_ELEMENTS_DEFAULT)
+    return check_tile_size(tile_size) or max(1, budget // max(1, batch * keys))
 
 
 def resolve_method(method: str, operator: str, kernel: str) -> str:
-    """The evaluation path ``'auto'`` stands for: low rank for the dot diffusion kernel, else tiled."""
+    """The evaluation path ``method`` stands for: ``'auto'`` is low rank for the dot diffusion kernel,
+    else fused; ``'tiled'`` is ``'fused'``."""
+    method = METHOD_ALIASES.get(method, method) if isinstance(method, str) else method
     if method not in METHODS:
-        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+        raise ValueError(f'method must be one of {METHODS} (or the alias {sorted(METHOD_ALIASES)}), got {method!r}')
     low_rank_ok = resolve_operator(operator) == 'diffusion' and kernel == 'dot'
     if method == 'auto':
-        return 'lowrank' if low_rank_ok else 'tiled'
+        return 'lowrank' if low_rank_ok else 'fused'
     if method == 'lowrank' and not low_rank_ok:
         raise ValueError(
             f"method='lowrank' needs operator='diffusion' with kernel='dot'; got {operator!r}, {kernel!r}")
@@ -323,7 +344,7 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
                        normalizer: Union[str, float]) -> Tensor:
     """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j."""
     dtype = _compute_dtype(theta, phi, v_query, v_key)
-    with torch.autocast(theta.device.type, enabled=False):
+    with _autocast_off(theta):
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
         m, n_query = phi.shape[2], theta.shape[2]
         if normalizer == 'rowsum':  # the normalisation depends on theta: plain autograd
@@ -337,13 +358,191 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
         return _lowrank_combine(theta, vq, pv, rowsum, lam, scale)
 
 
-def _tile_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, operator: str,
-                    s: Optional[float], n: int, lam: float, kernel: str, normalizer: Union[str, float],
-                    n_total: int) -> Tensor:
-    kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
-    # A tile holds all keys but only some queries: 'query' must divide by the full N.
-    return apply_kernel(kern, v_query, v_key, operator=operator,
-                        normalizer=float(n_total) if normalizer == 'query' else normalizer)
+# --------------------------------------------------------------------------------------------------
+# Fused tiled evaluation of kernels that are not low rank.
+#
+# w_ij = a * W(x_ij), with x_ij = |theta_i - phi_j|^2 (distance kernels) or theta_i . phi_j (diffusion
+# kernels); a folds lam and the operator's constant so that a tile holds the bare W. The aggregate is
+#   out_i = sigma (s1 sum_j w_ij V_j + s2 V_i r_i) / D_i,   r_i = sum_j w_ij,
+# with (s1, s2) = (1, -1) diffusion, (-1, 1) fractional Laplacian, (1, 0) inverse fractional and log;
+# D_i = 1 and sigma = 1/normalizer, or D_i the guarded row sum with sigma = 1.
+
+class _KernelSpec:
+    """How one operator's tile is formed and differentiated: W(x) and dW/dx = b * Wd(x)."""
+
+    def __init__(self, operator: str, s: Optional[float], n: int, lam: float, kernel: str):
+        self.distance = operator != 'diffusion'
+        if operator == 'diffusion':
+            self.kind = 'exp' if kernel == 'gaussian' else 'dot'
+            self.a, self.b = (1.0, lam) if kernel == 'gaussian' else (lam, 1.0)
+            self.lam = lam
+        elif operator == 'log':
+            self.kind, self.a, self.b = 'log', lam * pide_constant(operator, s, n), -1.0
+        else:
+            self.kind = 'power'
+            self.power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
+            self.a, self.b = lam * pide_constant(operator, s, n), -self.power / 2
+        self.s1, self.s2 = {'diffusion': (1.0, -1.0), 'frac_laplacian': (-1.0, 1.0)}.get(operator, (1.0, 0.0))
+
+    def tile(self, theta_t: Tensor, phi: Tensor, stats: tuple[Tensor, Tensor, Tensor], rows: slice,
+             derivative: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1)."""
+        if not self.distance:
+            x = torch.bmm(theta_t.transpose(1, 2), phi)
+            if self.kind == 'dot':
+                return x, None
+            w = x.mul_(self.lam).exp_()
+            return w, (w if derivative else None)
+        tt, pp, floor = stats
+        # |theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j, and coincident pairs as in _squared_distance.
+        d2 = torch.baddbmm(pp.unsqueeze(1), theta_t.transpose(1, 2), phi, alpha=-2).add_(tt[:, rows].unsqueeze(2))
+        coincident = d2 <= torch.add(floor[:, rows].unsqueeze(2), pp.unsqueeze(1), alpha=_eps(d2.dtype))
+        d2.masked_fill_(coincident, 1.0)
+        inv = d2.reciprocal() if derivative else None  # 1/d2, before d2 is overwritten below
+        if self.kind == 'log':
+            w = d2.log_().neg_().sub_(EULER_GAMMA)
+        else:
+            w = _inverse_power(d2, self.power, inplace=True)
+        w.masked_fill_(coincident, 0.0)
+        if not derivative:
+            return w, None
+        if self.kind == 'power':
+            inv.mul_(w)  # d/dx x^(-p/2) = -(p/2) x^(-p/2) / x
+        return w, inv.masked_fill_(coincident, 0.0)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return _COINCIDENT_EPS * torch.finfo(dtype).eps
+
+
+def _inverse_power(d2: Tensor, power: float, inplace: bool = False) -> Tensor:
+    """d2^(-power/2) = |d|^-power, with rsqrt and integer powers where the exponent allows."""
+    if float(power).is_integer():
+        p = int(power)
+        base = (d2.rsqrt_() if inplace else d2.rsqrt()) if p % 2 else (d2.reciprocal_() if inplace else d2.reciprocal())
+        e = p if p % 2 else p // 2
+        return base if e == 1 else (base.pow_(e) if inplace else base.pow(e))
+    return d2.pow_(-power / 2) if inplace else d2.pow(-power / 2)
+
+
+def _distance_stats(theta: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """|theta_i|^2 (B, N), |phi_j|^2 (B, M) and the coincidence floor eps |theta_i|^2 + tiny (B, N)."""
+    tt, pp = theta.pow(2).sum(1), phi.pow(2).sum(1)
+    return tt, pp, tt * _eps(tt.dtype) + torch.finfo(tt.dtype).tiny
+
+
+def _fused_forward(spec: _KernelSpec, theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor,
+                   normalizer: Union[str, float], tile: int) -> tuple[Tensor, Optional[Tensor]]:
+    """The aggregate (B, C, N) and the row sums r (B, N) where the operator or normalizer uses them."""
+    b, _, n_query = theta.shape
+    stats = _distance_stats(theta, phi) if spec.distance else None
+    need_r = spec.s2 != 0 or normalizer == 'rowsum'
+    out = v_query.new_empty(v_query.shape)
+    rowsum = theta.new_empty(b, n_query) if need_r else None
+    for start in range(0, n_query, tile):
+        rows = slice(start, start + tile)
+        w, _ = spec.tile(theta[:, :, rows], phi, stats, rows, derivative=False)
+        out[:, :, rows] = torch.bmm(v_key, w.transpose(1, 2))
+        if need_r:
+            torch.sum(w, 2, out=rowsum[:, rows])
+    a = spec.a
+    out.mul_(a * spec.s1)
+    if need_r:
+        rowsum.mul_(a)
+        if spec.s2:
+            out.addcmul_(v_query, rowsum.unsqueeze(1), value=spec.s2)
+    return _normalize(out, rowsum, normalizer, phi.shape[2], n_query), rowsum
+
+
+class _FusedAggregate(torch.autograd.Function):
+    """Tiled kernel aggregate with a hand-written backward.
+
+    Saves only the inputs and O(B N) row statistics (plus the output for the row-sum normalizer) and
+    evaluates each kernel tile once more in the backward pass, where all gradients follow from it:
+    with g_hat_i = sigma g_i / D_i and q_i = dL/dr_i, the kernel gradient is
+    G_ij = s1 g_hat_i . V_j + q_i, then dL/dx_ij = G_ij dW/dx_ij, and
+    x = |theta_i - phi_j|^2 gives dtheta_i = 2 (theta_i sum_j S_ij - sum_j S_ij phi_j) (phi likewise).
+    """
+
+    @staticmethod
+    def forward(ctx, theta, phi, v_query, v_key, spec, normalizer, tile):
+        out, rowsum = _fused_forward(spec, theta, phi, v_query, v_key, normalizer, tile)
+        ctx.spec, ctx.normalizer, ctx.tile = spec, normalizer, tile
+        ctx.save_for_backward(theta, phi, v_query, v_key, rowsum, out if normalizer == 'rowsum' else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        theta, phi, v_query, v_key, rowsum, out = ctx.saved_tensors
+        spec, normalizer, tile = ctx.spec, ctx.normalizer, ctx.tile
+        need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
+        m, n_query = phi.shape[2], theta.shape[2]
+        q = None  # dL/dr_i
+        if normalizer == 'rowsum':
+            denom = _guarded_rowsum(rowsum)
+            g_hat = grad / denom.unsqueeze(1)
+            q = (grad * out).sum(1).div_(denom).mul_(rowsum.abs() >= _ROWSUM_EPS).neg_()
+        else:
+            g_hat = grad * (1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer))
+        if spec.s2:
+            qv = (g_hat * v_query).sum(1).mul_(spec.s2)
+            q = qv if q is None else q.add_(qv)
+        g_vq = g_hat * rowsum.mul(spec.s2).unsqueeze(1) if need_vq and spec.s2 else None
+        need_kernel_grad = need_theta or need_phi
+        g_theta = g_phi = g_vk = None
+        if not (need_kernel_grad or need_vk):
+            return g_theta, g_phi, g_vq, g_vk, None, None, None
+        stats = _distance_stats(theta, phi) if spec.distance else None
+        if need_vk:
+            g_vk = torch.zeros_like(v_key)
+        if need_theta:
+            g_theta = torch.empty_like(theta)
+        if need_phi:
+            g_phi = torch.zeros_like(phi)
+            col = phi.new_zeros(phi.shape[0], 1, m)  # sum_i S_ij
+        # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
+        scale = spec.a * spec.b * (1.0 if q is not None else spec.s1) * (2.0 if spec.distance else 1.0)
+        for start in range(0, n_query, tile):
+            rows = slice(start, start + tile)
+            theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
+            w, wd = spec.tile(theta_t, phi, stats, rows, derivative=need_kernel_grad)
+            if need_vk:
+                g_vk.baddbmm_(g_t, w, alpha=spec.a * spec.s1)
+            if not need_kernel_grad:
+                continue
+            sg = torch.bmm(g_t.transpose(1, 2), v_key)
+            if q is not None:
+                sg.mul_(spec.s1).add_(q[:, rows].unsqueeze(2))
+            if wd is not None:
+                sg.mul_(wd)
+            if need_theta:
+                if spec.distance:  # theta_i sum_j S_ij - sum_j S_ij phi_j
+                    g = torch.baddbmm(theta_t * sg.sum(2).unsqueeze(1), phi, sg.transpose(1, 2), alpha=-1)
+                else:
+                    g = torch.bmm(phi, sg.transpose(1, 2))
+                g_theta[:, :, rows] = g.mul_(scale)
+            if need_phi:
+                if spec.distance:  # phi_j sum_i S_ij - sum_i S_ij theta_i
+                    col.add_(sg.sum(1, keepdim=True))
+                    g_phi.baddbmm_(theta_t, sg, alpha=-1)
+                else:
+                    g_phi.baddbmm_(theta_t, sg)
+        if need_phi:
+            if spec.distance:
+                g_phi.addcmul_(phi, col)
+            g_phi.mul_(scale)
+        return g_theta, g_phi, g_vq, g_vk, None, None, None
+
+
+def _fused_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, spec: _KernelSpec,
+                     normalizer: Union[str, float], tile: int) -> Tensor:
+    dtype = _compute_dtype(theta, phi, v_query, v_key)
+    with _autocast_off(theta):
+        theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
+            return _FusedAggregate.apply(theta, phi, vq, vk, spec, normalizer, tile)
+        return _fused_forward(spec, theta, phi, vq, vk, normalizer, tile)[0]
 
 
 def nonlocal_aggregate(
@@ -376,8 +575,10 @@ def nonlocal_aggregate(
         kernel: ``'dot'`` (lam theta.phi) or ``'gaussian'`` (exp(lam theta.phi)), diffusion only.
         normalizer: the paper's N: ``'key'`` (M, default, as the authors' code), ``'query'`` (N),
             ``'rowsum'`` (sum_j w_ij, the un-simplified form) or a positive number.
-        method: ``'auto'``, ``'lowrank'``, ``'tiled'`` or ``'dense'`` (see the module docstring).
-        tile_size: query positions per tile for ``'tiled'``; default keeps a tile near 2^24 elements.
+        method: ``'auto'``, ``'lowrank'``, ``'fused'`` (alias ``'tiled'``) or ``'dense'`` (see the module
+            docstring).
+        tile_size: query positions per tile for ``'fused'``; default keeps a tile near 2^21 elements on CPU
+            and 2^24 on GPUs.
 
     Returns:
         (B, C, N) aggregate, in the dtype of ``v_query`` (computed in float32 or float64).
@@ -388,6 +589,8 @@ def nonlocal_aggregate(
     normalizer = check_normalizer(normalizer)
     if operator == 'diffusion' and kernel not in KERNELS:
         raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+    if operator != 'diffusion' and kernel != 'dot':
+        raise ValueError(f"kernel applies to operator 'diffusion' only; got kernel={kernel!r} for {operator!r}")
     method = resolve_method(method, operator, kernel)
     out_dtype = v_query.dtype
     b, _, n_query = theta.shape
@@ -399,17 +602,7 @@ def nonlocal_aggregate(
         kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
         out = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=normalizer)
     else:
-        tile_size = query_tile(b, m, tile_size)
-        args = (operator, s, n, lam, kernel, normalizer, n_query)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, v_query, v_key))
-        tiles = []
-        for start in range(0, n_query, tile_size):
-            sl = slice(start, start + tile_size)
-            inputs = (theta[:, :, sl], phi, v_query[:, :, sl], v_key)
-            if grad and n_query > tile_size:
-                # Recompute the kernel tile in the backward pass instead of storing B x N x M values.
-                tiles.append(checkpoint(_tile_aggregate, *inputs, *args, use_reentrant=False))
-            else:
-                tiles.append(_tile_aggregate(*inputs, *args))
-        out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, 2)
+        spec = _KernelSpec(operator, s, n, lam, kernel)
+        out = _fused_aggregate(theta, phi, v_query, v_key, spec, normalizer,
+                               query_tile(b, m, tile_size, theta.device))
     return out.to(out_dtype)
