@@ -483,7 +483,7 @@ def test_demo_figure_from_two_checkpoints(tmp_path):
     args = [PY, 'tools/demo_figure.py', '--local-checkpoint', ckpts[0], '--nonlocal-checkpoint', ckpts[1],
             '--data-root', str(tmp_path / 'data'), '--num-images', '3', '--out', out]
     assert f'wrote {out} (3 images' in _run(args)
-    assert Image.open(out).size == (800, round(100 * (0.95 * 3 + 0.3)))
+    assert Image.open(out).size == (800, round(100 * (0.7 * 3 + 0.35)))
     missing = str(tmp_path / 'none.pth')
     bad = subprocess.run(args[:3] + [missing] + args[4:], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)

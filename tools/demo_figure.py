@@ -73,7 +73,7 @@ def main() -> int:
     preds = [[r.pred_sem_seg.data[0].cpu().numpy() for r in inference_model(m, paths)] for m in models]
 
     titles = ('input', 'ground truth', 'local network', 'nonlocal network')
-    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 0.95 * len(rows) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 0.7 * len(rows) + 0.35), squeeze=False)
     for i, row in enumerate(rows):
         gt = imread(row['seg_map_path'], flag='unchanged')
         panels = (imread(row['img_path'], channel_order='rgb'), colorize(gt, palette),
