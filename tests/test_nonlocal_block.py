@@ -1,4 +1,5 @@
 from functools import partial
+from pathlib import Path
 
 import pytest
 import timm
@@ -45,7 +46,7 @@ def test_symmetric_and_methods_agree(operator):
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         want = reference.pide_block(block, x)
-        for method in ('dense', 'tiled'):
+        for method in ('dense', 'fused', 'tiled'):
             block.method = method
             torch.testing.assert_close(block(x), want, rtol=1e-9, atol=1e-9)
 
@@ -121,3 +122,18 @@ def test_bad_constructor_arguments(kwargs, match):
 def test_bad_input(shape, match):
     with pytest.raises(ValueError, match=match):
         PIDEBlock(8)(torch.randn(*shape))
+
+
+def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
+    """tests/data/pide_blocks_v0_1.pt holds blocks, inputs and outputs written by pide_zoo 0.1 before the
+    fused path and the block's faster embeddings: same keys, same outputs (float64, eval and train mode)."""
+    saved = torch.load(Path(__file__).parent / 'data' / 'pide_blocks_v0_1.pt', weights_only=True)
+    for operator in ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']:
+        case = saved[operator]
+        block = PIDEBlock(6, operator=operator, subsample=2, stages=2, h=0.5, lam=0.3, dtype=torch.float64)
+        block.load_state_dict(case['state_dict'])
+        with torch.no_grad():
+            torch.testing.assert_close(block.eval()(case['x']), case['eval'], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(block.train()(case['x']), case['train'], rtol=1e-12, atol=1e-12)
+    for name, keys in saved['model_keys'].items():
+        assert list(timm.create_model(name).state_dict()) == keys

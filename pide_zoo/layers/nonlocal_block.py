@@ -9,6 +9,7 @@ from numbers import Real
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pide_ops import (
@@ -179,8 +180,13 @@ class PIDEBlock(nn.Module):
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Query and (pooled) key embeddings, (B, E, N) and (B, E, M)."""
-        theta = self.theta(x)
-        phi = theta if self.phi is None else self.phi(x)
+        if self.phi is None:
+            theta = phi = self.theta(x)
+        else:
+            # theta and phi as one 1x1 convolution: x is read once, in the forward and the backward pass.
+            weight = torch.cat((self.theta.weight, self.phi.weight))
+            bias = torch.cat((self.theta.bias, self.phi.bias))
+            theta, phi = F.conv2d(x, weight, bias).split(self.embed_channels, 1)
         return theta.flatten(2), self.pool(phi).flatten(2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,5 +203,5 @@ class PIDEBlock(nn.Module):
             v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
             agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
                                    method=self.method, tile_size=self.tile_size, **kernel_kw)
-            out = x + self.h * self.act(norm(conv(agg.view_as(x))))
+            out = torch.add(x, self.act(norm(conv(agg.view_as(x)))), alpha=self.h)
         return out

@@ -296,9 +296,10 @@ def _lowrank_parts(theta: Tensor, phi: Tensor, v_key: Tensor, lam: float) -> tup
 
 
 def _lowrank_combine(theta: Tensor, v_query: Tensor, pv: Tensor, rowsum: Tensor, lam: float, scale: float) -> Tensor:
-    """scale (lam theta_i^T (Phi V^T) - V_i r_i), in place on one (B, C, N) buffer; not for autograd."""
-    out = torch.bmm(pv.transpose(1, 2), theta).mul_(lam * scale)
-    return out.addcmul_(v_query, rowsum.unsqueeze(1), value=-scale)
+    """scale (lam theta_i^T (Phi V^T) - V_i r_i), in place on one (B, C, N) buffer; not for autograd.
+    The constants go on the small factors, so the full-size buffer is written twice only."""
+    out = torch.bmm(pv.transpose(1, 2).mul(lam * scale), theta)
+    return out.addcmul_(v_query, rowsum.mul(-scale).unsqueeze(1))
 
 
 class _LowRankDiffusion(torch.autograd.Function):
@@ -329,12 +330,12 @@ class _LowRankDiffusion(torch.autograd.Function):
             buf = grad * v_query
             q = buf.sum(1)  # sum_c V_ci g_ci, (B, N)
             if need_theta:  # a (Phi V^T g - sum_j phi_j q^T)
-                g_theta = torch.bmm(pv, grad).addcmul_(phi_sum.unsqueeze(2), q.unsqueeze(1), value=-1).mul_(a)
+                g_theta = torch.bmm(pv.mul(a), grad).addcmul_(phi_sum.mul(-a).unsqueeze(2), q.unsqueeze(1))
             if need_phi:
                 g_sum = torch.bmm(theta, q.unsqueeze(2)).mul_(-a)  # (B, E, 1)
                 g_phi = torch.bmm(g_pv, v_key).add_(g_sum)
         if need_vq:
-            g_vq = torch.mul(grad, rowsum.unsqueeze(1), out=buf).mul_(-ctx.scale)
+            g_vq = torch.mul(grad, rowsum.mul(-ctx.scale).unsqueeze(1), out=buf)
         if need_vk:
             g_vk = torch.bmm(g_pv.transpose(1, 2), phi)
         return g_theta, g_phi, g_vq, g_vk, None, None
