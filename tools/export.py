@@ -1,0 +1,94 @@
+"""Export a timm classifier or an mmseg segmentor to ONNX and a torch.export program, checked in onnxruntime.
+
+    python tools/export.py nl_hamiltonian74 --checkpoint output/train_cls/nl_hamiltonian74-digits/last.pth.tar
+    python tools/export.py resnet44_cifar.cifar100 --checkpoint r44_c100_state_dict.pth --output out/r44
+    python tools/export.py configs/bdd100k_pide_diffusion.py --checkpoint work_dirs/.../iter_175000.pth
+
+Writes ``<name>.onnx`` (dynamo exporter, opset >= 18), ``<name>.pt2`` (``torch.export.save``) and ``export.json``
+to ``--output``, with a dynamic batch dimension (and spatial size, unless the network fixes it), then runs the
+ONNX file in onnxruntime and the program in PyTorch at each ``--batch-sizes`` and prints the max abs difference
+to eager PyTorch; exits with status 1 if a difference exceeds ``--atol``. Classifiers take mean-subtracted
+images; segmentors take their data preprocessor's output and return the decode head's logits.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+from mmengine.config import DictAction
+from timm.utils import ParseKwargs
+
+from pide_zoo.export import MIN_OPSET, export_and_check, load_classifier, load_segmentor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('model', help='a timm model name (tags allowed: nl_hamiltonian74.stl10) or an mmseg config (.py)')
+    p.add_argument('--checkpoint', default=None,
+                   help='tools/train_cls.py checkpoint or plain state dict (timm model), mmseg checkpoint (config);\n'
+                        'without it the freshly initialised weights are exported')
+    p.add_argument('--output', default='', help='output folder (default: output/export/<name>)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra timm.create_model arguments for a plain state dict, e.g. num_classes=100')
+    p.add_argument('--use-ema', action='store_true', help='export the EMA weights of a train_cls.py checkpoint')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='mmseg config overrides, key=value')
+    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help="traced input size (default: the model's cfg, or the segmentor's data preprocessor)")
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 3], help='checked batch sizes (default: 1 3)')
+    p.add_argument('--atol', type=float, default=1e-4, help='largest allowed max abs difference (default: 1e-4)')
+    p.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, >= {MIN_OPSET} (default: %(default)s)')
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.opset < MIN_OPSET:
+        parser.error(f'--opset must be >= {MIN_OPSET} (the dynamo exporter), got {args.opset}')
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f'--batch-sizes must be positive, got {args.batch_sizes}')
+    if args.atol < 0:
+        parser.error(f'--atol must be >= 0, got {args.atol}')
+    if args.input_size is not None and min(args.input_size) < 1:
+        parser.error(f'--input-size must be positive, got {args.input_size}')
+    try:
+        if args.model.endswith('.py'):
+            name = osp.splitext(osp.basename(args.model))[0]
+            model, size = load_segmentor(args.model, args.checkpoint, args.cfg_options)
+            fixed = False
+            size = tuple(args.input_size) if args.input_size else size
+            if size is None:
+                parser.error(f'{args.model}: the data preprocessor fixes no input size; give --input-size C H W')
+        else:
+            name = args.model.replace('.', '-')
+            model, size, fixed = load_classifier(args.model, args.checkpoint, args.model_kwargs, args.use_ema)
+            size = tuple(args.input_size) if args.input_size else size
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    output = args.output or osp.join('output', 'export', name)
+    print(f'exporting {args.model} ({args.checkpoint or "freshly initialised weights"}), input (batch, {size[0]}, '
+          f'{size[1]}, {size[2]}) -> {output}', flush=True)
+    report = export_and_check(model, size, output, name, fixed_spatial=fixed, batch_sizes=args.batch_sizes,
+                              opset=args.opset)
+    report.update(model=args.model, checkpoint=args.checkpoint, atol=args.atol)
+    dynamic = 'batch' if report['fixed_spatial'] else 'batch and spatial size'
+    print(f"  {report['onnx']} (opset {args.opset}, input {report['onnx_input_shape']}, dynamic {dynamic}, "
+          f"{report['export_s']['onnx']} s) and {report['pt2']} ({report['export_s']['pt2']} s)")
+    big = report['largest_value']
+    print(f"  largest tensor in the ONNX graph for input {tuple(big['input_shape'])}: {tuple(big['shape'])}")
+    for c in report['checks']:
+        print(f"  input {tuple(c['shape'])}: max abs diff to eager: onnxruntime {c['onnx_max_abs_diff']:.3g}, "
+              f"torch.export program {c['pt2_max_abs_diff']:.3g}")
+    worst = max(max(c['onnx_max_abs_diff'], c['pt2_max_abs_diff']) for c in report['checks'])
+    report['passed'] = worst <= args.atol
+    with open(osp.join(output, 'export.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    if not report['passed']:
+        print(f'FAILED: max abs diff {worst:.3g} > --atol {args.atol}', file=sys.stderr)
+        return 1
+    print(f'ok: max abs diff {worst:.3g} <= --atol {args.atol}; {osp.join(output, "export.json")}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
