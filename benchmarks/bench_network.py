@@ -1,0 +1,97 @@
+"""Training-step time of whole timm networks side by side: what a PIDE block costs inside a network.
+
+The first model is the reference; every other row prints its step time relative to it. One step is
+forward, cross-entropy, backward and an SGD update on a fixed random batch, in training mode. All
+models live in one process and their steps are interleaved (A, B, A, B, ...), so that slow drifts of a
+shared machine hit every model alike; the median over ``--repeats`` rounds is reported, with the share
+of the CPUs other processes used meanwhile (harness).
+
+    PYTHONPATH=. python benchmarks/bench_network.py                       # nl_hamiltonian74 vs hamiltonian74
+    PYTHONPATH=. python benchmarks/bench_network.py --models hamiltonian74,nl_hamiltonian74,nl_hamiltonian74_frac
+    PYTHONPATH=. python benchmarks/bench_network.py --device cuda --batch 128
+
+Issue target (CPU, CIFAR 32x32, batch 32): nl_hamiltonian74 <= 1.10x hamiltonian74 (goal 1.05x).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Optional
+
+from harness import CpuContention, add_harness_args, environment_lines, fmt_pct, print_table, setup, wait_for_idle
+
+TARGET_RATIO = 1.10
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_harness_args(parser, repeats=20)
+    parser.add_argument('--models', default='hamiltonian74,nl_hamiltonian74',
+                        help='comma-separated timm model names; the first is the reference')
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--num-classes', type=int, default=10)
+    args = parser.parse_args(argv)
+    setup(parser, args)
+    if args.quick:
+        args.batch, args.repeats, args.warmup = 2, 2, 1
+
+    import timm
+    import torch
+
+    import pide_zoo  # noqa: F401  (registers the models)
+
+    device = torch.device(args.device)
+    names = [m for m in args.models.split(',') if m]
+    if len(names) < 2:
+        parser.error('--models needs a reference and at least one model to compare with it')
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    models, opts = {}, {}
+    for name in names:
+        models[name] = timm.create_model(name, num_classes=args.num_classes).to(device).train()
+        opts[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
+
+    def step(name: str) -> float:
+        opts[name].zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.nn.functional.cross_entropy(models[name](x), y).backward()
+        opts[name].step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    wait_for_idle(args.wait_idle_s)
+    for _ in range(args.warmup):
+        for name in names:
+            step(name)
+    times = {name: [] for name in names}
+    contention = CpuContention()
+    for _ in range(args.repeats):
+        for name in names:
+            times[name].append(step(name))
+    others = contention.fraction()
+
+    med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ref = names[0]
+    print(f'Training step (forward, loss, backward, SGD), batch {args.batch}, {args.img_size}x{args.img_size}, '
+          f'models interleaved in one process\n')
+    print('\n'.join(environment_lines(args, budget_note='no time budget (interleaved rounds)')))
+    print()
+    rows = [[name, f'{sum(p.numel() for p in models[name].parameters()) / 1e6:.3f}', f'{med[name]:.1f}',
+             f'{med[name] / med[ref]:.3f}x'] for name in names]
+    print_table(['model', 'params (M)', 'step ms (median)', f'/ {ref}'], rows)
+    print(f'\nCPU used by other processes during the timed rounds: {fmt_pct(others)}')
+    if ref == 'hamiltonian74' and 'nl_hamiltonian74' in med:
+        ratio = med['nl_hamiltonian74'] / med[ref]
+        print(f'target nl_hamiltonian74 / hamiltonian74 <= {TARGET_RATIO:.2f}: {ratio:.3f} '
+              f'{"PASS" if ratio <= TARGET_RATIO else "FAIL"}')
+
+
+if __name__ == '__main__':
+    main()
