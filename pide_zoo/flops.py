@@ -24,8 +24,9 @@ rest is mostly batch norm (2 per element here, 0 there) and the pointwise ops on
 :class:`~pide_zoo.layers.PIDEBlock` evaluates its kernel in one of several ways; the paper formed
 the dense N x M kernel once and applied it in every stage. :func:`count_flops` sets the method of
 every PIDE block for the count (``'dense'``: the paper's cost; ``'auto'``: this project's path,
-low rank for the dot-product diffusion kernel; for the distance kernels tiled, which forms the
-kernel once when one tile holds it and otherwise recomputes it per stage).
+low rank for the dot-product diffusion kernel; for the distance kernels fused, which forms the
+squared distances in every stage: its traced forward counts what a forward pass costs, while the
+dense path's backward reuses the stored kernel and the fused one evaluates each tile once more).
 """
 from __future__ import annotations
 
