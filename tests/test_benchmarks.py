@@ -10,6 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_network  # noqa: E402
 import bench_nonlocal  # noqa: E402
 import bench_scaling  # noqa: E402
 import harness  # noqa: E402
@@ -116,3 +117,12 @@ def test_scaling_quick_skips_cases_over_the_budgets(tmp_path, capsys):
     # dense is predicted over the memory budget from its kernel size (6 x 1 KB at 8x8) before it runs
     assert _scaling_statuses(tmp_path / 'memory.png', '--series', 'dense_frac_laplacian', '--max-gb', '1e-6') == [
         ('dense_frac_laplacian', bench_scaling.OVER_MEMORY)]
+
+
+def test_bench_network_quick_reports_each_model_against_the_reference(capsys):
+    bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar'])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| resnet44') or line.startswith('| preresnet20')]
+    assert len(rows) == 2 and rows[0].rstrip(' |').endswith('1.000x')
+    with pytest.raises(SystemExit):
+        bench_network.main(['--quick', '--models', 'resnet44_cifar'])
