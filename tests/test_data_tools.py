@@ -14,12 +14,12 @@ import os
 import os.path as osp
 import pickle
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import timm
 import torch
+from test_cls_tools import PY, ROOT, TINY
 
 import pide_zoo  # noqa: F401  (registers the models)
 from pide_zoo.data.bdd100k import (
@@ -31,11 +31,8 @@ from pide_zoo.data.bdd100k import (
 from pide_zoo.data.classification import DatasetCorruptError, load_split
 from pide_zoo.training import CheckpointError, load_checkpoint, load_model
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-PY = sys.executable
 IMG, ANN = osp.join('images', '10k'), osp.join('labels', 'sem_seg', 'masks')
 HW = (32, 48)  # source size: outputs are 4 x 6
-TINY = ['--model', 'hamiltonian74', '--model-kwargs', 'depths=(2,1,1)', 'widths=(8,8,16)']
 
 
 def _run(args, cwd=ROOT):

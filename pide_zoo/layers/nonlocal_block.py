@@ -195,7 +195,7 @@ class PIDEBlock(nn.Module):
         kernel_kw = dict(operator=self.operator, s=self.s, n=self.n, lam=self.lam, kernel=self.kernel)
         kern = rowsum = None
         if self.method != 'lowrank':
-            # Formed once from X and reused by every stage where that is the cheaper way.
+            # The dense path forms the kernel once from X for every stage; the fused path, per stage.
             kern = _shared_kernel(theta, phi, method=self.method, **kernel_kw)
             rowsum = _shared_rowsum(kern, operator=self.operator, normalizer=self.normalizer)
         out = x
