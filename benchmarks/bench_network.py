@@ -9,6 +9,10 @@ of the CPUs other processes used meanwhile (harness).
     PYTHONPATH=. python benchmarks/bench_network.py                       # nl_hamiltonian74 vs hamiltonian74
     PYTHONPATH=. python benchmarks/bench_network.py --models hamiltonian74,nl_hamiltonian74,nl_hamiltonian74_frac
     PYTHONPATH=. python benchmarks/bench_network.py --device cuda --batch 128
+    PYTHONPATH=. python benchmarks/bench_network.py --compile             # both models under torch.compile
+
+With ``--compile [BACKEND]`` every model is wrapped in ``torch.compile`` (default backend inductor); its first
+steps compile forward and backward, take as long as that takes, and are reported apart, never timed.
 
 Issue target (CPU, CIFAR 32x32, batch 32): nl_hamiltonian74 <= 1.10x hamiltonian74 (goal 1.05x).
 """
@@ -33,6 +37,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=32)
     parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                        help='torch.compile every model with BACKEND (inductor when given bare)')
     args = parser.parse_args(argv)
     setup(parser, args)
     if args.quick:
@@ -52,8 +58,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     models, opts = {}, {}
     for name in names:
-        models[name] = timm.create_model(name, num_classes=args.num_classes).to(device).train()
-        opts[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
+        model = timm.create_model(name, num_classes=args.num_classes).to(device).train()
+        opts[name] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        models[name] = torch.compile(model, backend=args.compile) if args.compile else model
 
     def step(name: str) -> float:
         opts[name].zero_grad(set_to_none=True)
@@ -66,6 +73,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
+    compile_s = {}
+    if args.compile:
+        # Two untimed steps per model: the first compiles forward and backward, a second may recompile.
+        for name in names:
+            t0 = time.perf_counter()
+            step(name)
+            step(name)
+            compile_s[name] = time.perf_counter() - t0
     wait_for_idle(args.wait_idle_s)
     for _ in range(args.warmup):
         for name in names:
@@ -79,13 +94,17 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ref = names[0]
+    how = f', torch.compile(backend={args.compile!r})' if args.compile else ''
     print(f'Training step (forward, loss, backward, SGD), batch {args.batch}, {args.img_size}x{args.img_size}, '
-          f'models interleaved in one process\n')
+          f'models interleaved in one process{how}\n')
     print('\n'.join(environment_lines(args, budget_note='no time budget (interleaved rounds)')))
     print()
     rows = [[name, f'{sum(p.numel() for p in models[name].parameters()) / 1e6:.3f}', f'{med[name]:.1f}',
              f'{med[name] / med[ref]:.3f}x'] for name in names]
     print_table(['model', 'params (M)', 'step ms (median)', f'/ {ref}'], rows)
+    if compile_s:
+        print('\nfirst two (compiling) steps, untimed above: '
+              + ', '.join(f'{name} {t:.1f} s' for name, t in compile_s.items()))
     print(f'\nCPU used by other processes during the timed rounds: {fmt_pct(others)}')
     if ref == 'hamiltonian74' and 'nl_hamiltonian74' in med:
         ratio = med['nl_hamiltonian74'] / med[ref]

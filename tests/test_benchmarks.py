@@ -126,3 +126,11 @@ def test_bench_network_quick_reports_each_model_against_the_reference(capsys):
     assert len(rows) == 2 and rows[0].rstrip(' |').endswith('1.000x')
     with pytest.raises(SystemExit):
         bench_network.main(['--quick', '--models', 'resnet44_cifar'])
+
+
+def test_bench_network_compile_names_the_backend_and_keeps_compiling_steps_apart(capsys):
+    bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar', '--compile', 'eager'])
+    out = capsys.readouterr().out
+    assert "torch.compile(backend='eager')" in out
+    assert 'first two (compiling) steps, untimed above: resnet44_cifar ' in out
+    assert len([line for line in out.splitlines() if line.startswith('| preresnet20')]) == 1
