@@ -137,3 +137,63 @@ def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
             torch.testing.assert_close(block.train()(case['x']), case['train'], rtol=1e-12, atol=1e-12)
     for name, keys in saved['model_keys'].items():
         assert list(timm.create_model(name).state_dict()) == keys
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('needs', [(True, True, True), (True, False, False), (False, True, True), (False, True, False)])
+def test_pointwise_conv_equals_conv2d_in_values_and_gradients(bias, needs):
+    from pide_zoo.layers.nonlocal_block import _PointwiseConv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 7, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 5, 1, 1, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g) if bias else None
+    grad = torch.randn(3, 6, 4, 7, dtype=torch.float64, generator=g)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for t, need in zip(leaves, needs):
+        t.requires_grad_(need)
+    want = torch.nn.functional.conv2d(x, w, b)
+    want_grads = torch.autograd.grad(want, [t for t in leaves if t.requires_grad], grad)
+    got = _PointwiseConv.apply(x, w, b)
+    got_grads = torch.autograd.grad(got, [t for t in leaves if t.requires_grad], grad)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(_PointwiseConv.apply, (x, w, b))
+
+
+def test_pointwise_conv_is_used_only_where_it_applies(monkeypatch):
+    from pide_zoo.layers import nonlocal_block
+    calls = []
+    real = nonlocal_block._PointwiseConv.apply
+    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(4, 4, 1, 1, requires_grad=True)
+    x = torch.randn(2, 4, 3, 5)
+    nonlocal_block._pointwise_conv(x, w, None)
+    assert calls == [1]
+    with torch.no_grad():
+        nonlocal_block._pointwise_conv(x, w, None)  # inference: F.conv2d
+    nonlocal_block._pointwise_conv(x.transpose(2, 3), w, None)  # not contiguous
+    nonlocal_block._pointwise_conv(x, w.detach(), None)  # nothing needs a gradient
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        nonlocal_block._pointwise_conv(x, w, None)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize('operator,kernel', CASES)
+def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatch, operator, kernel):
+    from pide_zoo.layers import nonlocal_block
+    torch.manual_seed(0)
+    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3,
+                      dtype=torch.float64).train()
+    x = torch.randn(2, 6, 4, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def run():
+        out = block(x)
+        return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
+
+    got = run()
+    monkeypatch.setattr(nonlocal_block, '_pointwise_conv', torch.nn.functional.conv2d)
+    want = run()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

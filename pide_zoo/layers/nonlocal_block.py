@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .pide_ops import (
     KERNELS,
@@ -28,6 +29,7 @@ __all__ = ['PIDEBlock']
 
 # Leaves for torch.fx: shape-dependent Python (validation, tiling) stays out of traced graphs.
 torch.fx.wrap('_check_input')
+torch.fx.wrap('_pointwise_conv')
 torch.fx.wrap('_shared_kernel')
 torch.fx.wrap('_shared_rowsum')
 torch.fx.wrap('_stage_aggregate')
@@ -41,6 +43,50 @@ def _check_input(x: Tensor, channels: int, subsample: int) -> None:
     if x.shape[2] < subsample or x.shape[3] < subsample:
         raise ValueError(
             f'x spatial size {tuple(x.shape[2:])} must be at least subsample={subsample} in each dimension')
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """A 1x1 convolution of a contiguous (B, C, H, W) tensor as batched matrix products.
+
+    oneDNN, behind ``F.conv2d`` on CPU, converts NCHW tensors to its blocked layout and back around the
+    forward pass and both gradients: six full-size copies per 1x1 convolution, more time than the
+    products themselves at the block's sizes. These GEMMs read and write NCHW as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        b, c, h, w = x.shape
+        w2 = weight.view(weight.shape[0], c).expand(b, -1, -1)
+        xf = x.view(b, c, h * w)
+        y = torch.bmm(w2, xf) if bias is None else torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, h * w), w2, xf)
+        return y.view(b, -1, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        o = weight.shape[0]
+        g = grad.reshape(b, o, h * w)
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.bmm(weight.view(o, c).t().expand(b, -1, -1), g).view(b, c, h, w)
+        if ctx.needs_input_grad[1]:
+            g_w = torch.bmm(g, x.view(b, c, h * w).transpose(1, 2)).sum(0).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_b = g.sum((0, 2))
+        return g_x, g_w, g_b
+
+
+def _pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight``; by :class:`_PointwiseConv` when training on CPU
+    with a contiguous input of the weight's dtype outside autocast, where it is faster."""
+    if (x.device.type == 'cpu' and torch.is_grad_enabled() and x.is_contiguous() and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled('cpu') and (x.requires_grad or weight.requires_grad)):
+        return _PointwiseConv.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias)
 
 
 def _shared_kernel(theta: Tensor, phi: Tensor, *, method: str, operator: str, s: Optional[float], n: int,
@@ -181,12 +227,12 @@ class PIDEBlock(nn.Module):
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Query and (pooled) key embeddings, (B, E, N) and (B, E, M)."""
         if self.phi is None:
-            theta = phi = self.theta(x)
+            theta = phi = _pointwise_conv(x, self.theta.weight, self.theta.bias)
         else:
             # theta and phi as one 1x1 convolution: x is read once, in the forward and the backward pass.
             weight = torch.cat((self.theta.weight, self.phi.weight))
             bias = torch.cat((self.theta.bias, self.phi.bias))
-            theta, phi = F.conv2d(x, weight, bias).split(self.embed_channels, 1)
+            theta, phi = _pointwise_conv(x, weight, bias).split(self.embed_channels, 1)
         return theta.flatten(2), self.pool(phi).flatten(2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -203,5 +249,5 @@ class PIDEBlock(nn.Module):
             v_query, v_key = out.flatten(2), self.pool(out).flatten(2)
             agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
                                    method=self.method, tile_size=self.tile_size, **kernel_kw)
-            out = torch.add(x, self.act(norm(conv(agg.view_as(x)))), alpha=self.h)
+            out = torch.add(x, self.act(norm(_pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
         return out
