@@ -99,6 +99,10 @@ def test_default_tile_size_rule():
     assert pide_ops.query_tile(8, 1590) == (1 << 21) // (8 * 1590)  # 164 queries on CPU
     assert pide_ops.query_tile(8, 1590, device='cuda') == (1 << 24) // (8 * 1590)
     assert pide_ops.query_tile(8, 10 ** 7) == 1
+    # Many keys: at least 64 queries per tile while a tile stays within 2^25 elements.
+    assert pide_ops.query_tile(1, 102240) == 64  # BDD 1280x720, pool 3
+    assert pide_ops.query_tile(8, 14400) == 64  # BDD 160x90, pool 1
+    assert pide_ops.query_tile(8, 102240) == (1 << 25) // (8 * 102240)
     assert pide_ops.query_tile(8, 1590, tile_size=5) == 5
 
 
