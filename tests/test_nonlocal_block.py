@@ -192,7 +192,11 @@ def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatc
         out = block(x)
         return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
 
+    calls = []
+    real = nonlocal_block._PointwiseConv.apply
+    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     got = run()
+    assert len(calls) == 1 + block.stages  # the embedding and every stage's K_k took the GEMM path
     monkeypatch.setattr(nonlocal_block, '_pointwise_conv', torch.nn.functional.conv2d)
     want = run()
     for a, e in zip(got, want):
