@@ -201,3 +201,89 @@ def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatc
     want = run()
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def _native_pool_and_grad(x, grad):
+    x = x.detach().requires_grad_()
+    out, idx = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+    return out, idx, torch.autograd.grad(out, x, grad)[0]
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 8, 10), (2, 3, 7, 9), (1, 2, 2, 3)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+def test_max_pool_2x2_equals_native_values_indices_and_gradients(shape, dtype):
+    from pide_zoo.layers.nonlocal_block import _MaxPool2x2
+    g = torch.Generator().manual_seed(0)
+    # Few distinct values: most windows hold ties, some all four equal; plus a window of +-inf.
+    x = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    x[0, 0, 0, :2] = float('inf')
+    x[-1, -1, :2, :2] = float('-inf')
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g).to(dtype)
+    want, want_idx, want_grad = _native_pool_and_grad(x, grad)
+    xg = x.clone().requires_grad_()
+    got = _MaxPool2x2.apply(xg)
+    got_grad, = torch.autograd.grad(got, xg, grad)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert torch.equal(got_grad, want_grad)  # the gradient lands on the native kernel's index
+    # the indices themselves: where a gradient of ones lands, per plane
+    ones = torch.autograd.grad(_MaxPool2x2.apply(xg), xg, torch.ones_like(got))[0]
+    assert torch.equal(ones.flatten(2).nonzero()[:, 2], want_idx.flatten(2).sort(2).values.flatten())
+
+
+def test_max_pool_2x2_with_nan_and_on_a_channel_slice_equals_native():
+    from pide_zoo.layers.nonlocal_block import _MaxPool2x2
+    g = torch.Generator().manual_seed(1)
+    both = torch.randn(2, 6, 6, 8, generator=g).round(decimals=1)
+    x = both[:, 3:]  # a channel slice, as the key embedding phi is of the theta/phi convolution
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = float('nan')  # two NaNs in one window: the native kernel takes the last
+    grad = torch.randn(2, 3, 3, 4, generator=g)
+    want, _, want_grad = _native_pool_and_grad(x, grad)
+    xg = x.clone().requires_grad_()
+    got = _MaxPool2x2.apply(xg)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(torch.autograd.grad(got, xg, grad)[0], want_grad)
+    xs = both.clone().requires_grad_()
+    got = _MaxPool2x2.apply(xs[:, 3:])
+    assert torch.equal(torch.autograd.grad(got, xs, grad)[0][:, 3:], want_grad)
+
+
+def test_max_pool_keys_uses_the_quarter_plane_path_only_where_it_applies(monkeypatch):
+    from pide_zoo.layers import nonlocal_block
+    calls = []
+    real = nonlocal_block._MaxPool2x2.apply
+    monkeypatch.setattr(nonlocal_block._MaxPool2x2, 'apply', lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    for t in (x, x[:, 2:]):
+        assert torch.equal(nonlocal_block._max_pool_keys(t, 2), torch.nn.functional.max_pool2d(t, 2))
+    assert calls == [1, 1]
+    with torch.no_grad():
+        nonlocal_block._max_pool_keys(x, 2)  # inference
+    nonlocal_block._max_pool_keys(x.detach(), 2)  # nothing needs a gradient
+    nonlocal_block._max_pool_keys(x.transpose(2, 3), 2)  # planes not contiguous
+    nonlocal_block._max_pool_keys(x.contiguous(memory_format=torch.channels_last), 2)
+    assert torch.equal(nonlocal_block._max_pool_keys(x, 3), torch.nn.functional.max_pool2d(x, 3))
+    assert nonlocal_block._max_pool_keys(x, 1) is x
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize('operator,kernel', CASES)
+def test_training_block_is_unchanged_by_the_quarter_plane_pooling(monkeypatch, operator, kernel):
+    from pide_zoo.layers import nonlocal_block
+    torch.manual_seed(0)
+    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3).train()
+    x = torch.randn(2, 6, 5, 8).round(decimals=1).requires_grad_()  # ties in the pooled values
+    grad = torch.randn_like(x)
+
+    def run():
+        out = block(x)
+        return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
+
+    calls = []
+    real = nonlocal_block._MaxPool2x2.apply
+    monkeypatch.setattr(nonlocal_block._MaxPool2x2, 'apply', lambda *a: calls.append(1) or real(*a))
+    got = run()
+    assert len(calls) == 1 + block.stages  # phi and the values of every stage
+    monkeypatch.setattr(nonlocal_block, '_max_pool_keys', torch.nn.functional.max_pool2d)
+    want = run()
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
