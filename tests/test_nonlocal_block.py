@@ -270,8 +270,9 @@ def test_max_pool_keys_uses_the_quarter_plane_path_only_where_it_applies(monkeyp
 def test_training_block_is_unchanged_by_the_quarter_plane_pooling(monkeypatch, operator, kernel):
     from pide_zoo.layers import nonlocal_block
     torch.manual_seed(0)
-    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3).train()
-    x = torch.randn(2, 6, 5, 8).round(decimals=1).requires_grad_()  # ties in the pooled values
+    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3,
+                      dtype=torch.float64).train()
+    x = torch.randn(2, 6, 5, 8, dtype=torch.float64).round(decimals=1).requires_grad_()  # ties in the keys
     grad = torch.randn_like(x)
 
     def run():
@@ -279,11 +280,36 @@ def test_training_block_is_unchanged_by_the_quarter_plane_pooling(monkeypatch, o
         return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
 
     calls = []
-    real = nonlocal_block._MaxPool2x2.apply
-    monkeypatch.setattr(nonlocal_block._MaxPool2x2, 'apply', lambda *a: calls.append(1) or real(*a))
+    real = nonlocal_block._max_pool2x2_indices
+    monkeypatch.setattr(nonlocal_block, '_max_pool2x2_indices', lambda t: calls.append(1) or real(t))
     got = run()
     assert len(calls) == 1 + block.stages  # phi and the values of every stage
-    monkeypatch.setattr(nonlocal_block, '_max_pool_keys', torch.nn.functional.max_pool2d)
+    monkeypatch.setattr(nonlocal_block, '_quarter_plane_pooling', lambda *a: False)
     want = run()
+    assert len(calls) == 1 + block.stages
     for a, e in zip(got, want):
-        assert torch.equal(a, e)
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_lowrank_key_index_routes_the_key_gradient_into_the_values():
+    from pide_zoo.layers.pide_ops import _lowrank_diffusion
+    g = torch.Generator().manual_seed(0)
+    theta, phi = (torch.randn(2, 3, n, dtype=torch.float64, generator=g) for n in (12, 4))
+    values = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    index = torch.randint(0, 12, (2, 5, 4), generator=g)
+    for normalizer in ('key', 'rowsum'):
+        def with_index(t, p, v):
+            return _lowrank_diffusion(t, p, v, v.detach().gather(2, index), 0.3, normalizer, key_index=index)
+
+        def with_gather(t, p, v):
+            return _lowrank_diffusion(t, p, v, v.gather(2, index), 0.3, normalizer)
+
+        args = [t.clone().requires_grad_() for t in (theta, phi, values)]
+        grad = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+        got = torch.autograd.grad(with_index(*args), args, grad)
+        want = torch.autograd.grad(with_gather(*args), args, grad)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(with_index, args)
+        with torch.no_grad():
+            torch.testing.assert_close(with_index(*args), with_gather(*args), rtol=0, atol=0)

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from .pide_ops import (
     KERNELS,
+    _lowrank_diffusion,
     apply_kernel,
     check_normalizer,
     check_s,
@@ -90,31 +91,34 @@ def _pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     return F.conv2d(x, weight, bias)
 
 
-class _MaxPool2x2(torch.autograd.Function):
-    """``F.max_pool2d(x, 2)`` with equal values, indices (first maximum of each window in row-major order)
-    and gradient, computed from the four strided quarter-planes.
+def _max_pool2x2_indices(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.max_pool2d(x, 2, return_indices=True)`` from the four strided quarter-planes, without autograd.
 
     PyTorch's CPU kernel walks every output pixel's window one element at a time and takes about three
-    times as long as these vectorised comparisons of whole quarter-planes (the block pools the keys
-    2 + stages times per forward pass). The backward pass scatters into a zero plane as the native one does.
+    times as long as these vectorised comparisons of whole quarter-planes. Strict comparisons keep the
+    first of equal values in row-major order, as the native scan does; with a NaN the native kernel's
+    rule (the last NaN) applies, so that case goes to it.
     """
+    h, w = x.shape[-2:]
+    xc = x[..., :h - h % 2, :w - w % 2]
+    p00, p01, p10, p11 = xc[..., 0::2, 0::2], xc[..., 0::2, 1::2], xc[..., 1::2, 0::2], xc[..., 1::2, 1::2]
+    top, bottom = torch.maximum(p00, p01), torch.maximum(p10, p11)
+    out = torch.maximum(top, bottom)
+    if torch.isnan(out.sum()):
+        return F.max_pool2d(x, 2, return_indices=True)
+    right_top, right_bottom, lower = p01 > p00, p11 > p10, bottom > top
+    col = right_top ^ (lower & (right_bottom ^ right_top))
+    base = torch.arange(0, h - 1, 2, device=x.device).mul_(w).unsqueeze(1) + torch.arange(0, w - 1, 2, device=x.device)
+    return out, lower.long().mul_(w).add_(base).add_(col)
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    """``F.max_pool2d(x, 2)`` by :func:`_max_pool2x2_indices`; equal values, indices and gradient. The
+    backward pass scatters into a zero plane, as the native one does."""
 
     @staticmethod
     def forward(ctx, x):
-        b, c, h, w = x.shape
-        xc = x[..., :h - h % 2, :w - w % 2]
-        p00, p01, p10, p11 = xc[..., 0::2, 0::2], xc[..., 0::2, 1::2], xc[..., 1::2, 0::2], xc[..., 1::2, 1::2]
-        top, bottom = torch.maximum(p00, p01), torch.maximum(p10, p11)
-        out = torch.maximum(top, bottom)
-        if torch.isnan(out.sum()):  # NaN: the native kernel's tie rule for NaN (last NaN wins) applies
-            out, idx = F.max_pool2d(x, 2, return_indices=True)
-        else:
-            # Strict comparisons keep the first of equal values, as the native scan does.
-            right_top, right_bottom, lower = p01 > p00, p11 > p10, bottom > top
-            col = right_top ^ (lower & (right_bottom ^ right_top))
-            rows = torch.arange(0, h - 1, 2, device=x.device).mul_(w).unsqueeze(1)
-            base = rows + torch.arange(0, w - 1, 2, device=x.device)
-            idx = lower.long().mul_(w).add_(base).add_(col)
+        out, idx = _max_pool2x2_indices(x)
         ctx.save_for_backward(idx)
         ctx.in_shape = x.shape
         return out
@@ -127,14 +131,19 @@ class _MaxPool2x2(torch.autograd.Function):
         return grad.new_zeros(b, c, h * w).scatter_(2, idx.view(b, c, -1), grad.reshape(b, c, -1)).view(b, c, h, w)
 
 
+def _quarter_plane_pooling(x: Tensor, subsample: int) -> bool:
+    """Whether 2x2 key pooling goes by :func:`_max_pool2x2_indices`: training on CPU with an input whose
+    planes are contiguous (the native kernel stays for inference, tracing, compilation and other devices)."""
+    return (subsample == 2 and x.device.type == 'cpu' and torch.is_grad_enabled() and x.requires_grad
+            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
 def _max_pool_keys(x: Tensor, subsample: int) -> Tensor:
-    """``F.max_pool2d(x, subsample)``; 2x2 pooling by :class:`_MaxPool2x2` when training on CPU with an
-    input whose planes are contiguous, where it is faster."""
+    """``F.max_pool2d(x, subsample)``, by :class:`_MaxPool2x2` where :func:`_quarter_plane_pooling` says."""
     if subsample == 1:
         return x
-    if (subsample == 2 and x.device.type == 'cpu' and torch.is_grad_enabled() and x.requires_grad
-            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()):
+    if _quarter_plane_pooling(x, subsample):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, subsample)
 
@@ -156,9 +165,17 @@ def _shared_rowsum(kern: Tensor, *, operator: str, normalizer: Union[str, float]
     return kern.new_zeros(0)
 
 
-def _stage_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Optional[Tensor],
-                     rowsum: Optional[Tensor], **kw) -> Tensor:
-    """One stage's aggregate: with the shared kernel where there is one, else by ``kw['method']``."""
+def _stage_aggregate(theta: Tensor, phi: Tensor, values: Tensor, kern: Optional[Tensor], rowsum: Optional[Tensor],
+                     subsample: int, **kw) -> Tensor:
+    """One stage's aggregate of ``values`` (B, C, H, W), with keys pooled by ``subsample``: with the shared
+    kernel where there is one, else by ``kw['method']``."""
+    v_query = values.flatten(2)
+    if kw['method'] == 'lowrank' and _quarter_plane_pooling(values, subsample):
+        # The keys are entries of the queries: their gradient is added into the queries' in place.
+        v_key, index = _max_pool2x2_indices(values.detach())
+        return _lowrank_diffusion(theta, phi, v_query, v_key.flatten(2), kw['lam'], kw['normalizer'],
+                                  key_index=index.flatten(2)).to(v_query.dtype)
+    v_key = _max_pool_keys(values, subsample).flatten(2)
     if kern is not None and kern.dim() == 3:
         return apply_kernel(kern, v_query, v_key, operator=kw['operator'], normalizer=kw['normalizer'],
                             rowsum=rowsum if rowsum.dim() == 2 else None).to(v_query.dtype)
@@ -295,8 +312,7 @@ class PIDEBlock(nn.Module):
             rowsum = _shared_rowsum(kern, operator=self.operator, normalizer=self.normalizer)
         out = x
         for conv, norm in zip(self.convs, self.norms):
-            v_query, v_key = out.flatten(2), _max_pool_keys(out, self.subsample).flatten(2)
-            agg = _stage_aggregate(theta, phi, v_query, v_key, kern, rowsum, normalizer=self.normalizer,
+            agg = _stage_aggregate(theta, phi, out, kern, rowsum, self.subsample, normalizer=self.normalizer,
                                    method=self.method, tile_size=self.tile_size, **kernel_kw)
             out = torch.add(x, self.act(norm(_pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
         return out

@@ -321,18 +321,22 @@ class _LowRankDiffusion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, phi, v_query, v_key, lam, scale):
+    def forward(ctx, theta, phi, v_query, v_key, lam, scale, key_index):
         pv, phi_sum, rowsum = _lowrank_parts(theta, phi, v_key, lam)
-        ctx.save_for_backward(theta, phi, v_query, v_key, pv, phi_sum, rowsum)
+        ctx.save_for_backward(theta, phi, v_query, v_key, pv, phi_sum, rowsum, key_index)
         ctx.lam, ctx.scale = lam, scale
         return _lowrank_combine(theta, v_query, pv, rowsum, lam, scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        theta, phi, v_query, v_key, pv, phi_sum, rowsum = ctx.saved_tensors
+        theta, phi, v_query, v_key, pv, phi_sum, rowsum, key_index = ctx.saved_tensors
         a = ctx.lam * ctx.scale
         need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
+        # With key_index the keys are entries of v_query: their gradient is added into v_query's in place,
+        # where autograd would add a zero-filled scattered copy.
+        fold_keys = key_index is not None and need_vq
+        need_vk = need_vk or fold_keys
         g_theta = g_phi = g_vq = g_vk = None
         buf = None
         if need_theta or need_phi or need_vk:
@@ -349,15 +353,25 @@ class _LowRankDiffusion(torch.autograd.Function):
             g_vq = torch.mul(grad, rowsum.mul(-ctx.scale).unsqueeze(1), out=buf)
         if need_vk:
             g_vk = torch.bmm(g_pv.transpose(1, 2), phi)
-        return g_theta, g_phi, g_vq, g_vk, None, None
+        if fold_keys:
+            g_vq.scatter_add_(2, key_index, g_vk)
+            g_vk = None
+        return g_theta, g_phi, g_vq, g_vk, None, None, None
 
 
 def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, lam: float,
-                       normalizer: Union[str, float]) -> Tensor:
-    """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j."""
+                       normalizer: Union[str, float], key_index: Optional[Tensor] = None) -> Tensor:
+    """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j.
+
+    ``key_index`` (B, C, M), if given, says that ``v_key`` is ``v_query.gather(2, key_index)`` (pooled
+    queries, without autograd history): the keys' gradient then goes to ``v_query``.
+    """
     dtype = _compute_dtype(theta, phi, v_query, v_key)
     with _autocast_off(theta):
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
+        fast = normalizer != 'rowsum' and torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq))
+        if key_index is not None and not fast:
+            vk, key_index = vq.gather(2, key_index), None
         m, n_query = phi.shape[2], theta.shape[2]
         if normalizer == 'rowsum':  # the normalisation depends on theta: plain autograd
             pv, _, rowsum = _lowrank_parts(theta, phi, vk, lam)
@@ -365,7 +379,7 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
             return _normalize(agg, rowsum, normalizer, m, n_query)
         scale = 1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
-            return _LowRankDiffusion.apply(theta, phi, vq, vk, lam, scale)
+            return _LowRankDiffusion.apply(theta, phi, vq, vk, lam, scale, key_index)
         pv, _, rowsum = _lowrank_parts(theta, phi, vk, lam)
         return _lowrank_combine(theta, vq, pv, rowsum, lam, scale)
 
