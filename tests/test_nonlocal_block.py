@@ -291,25 +291,26 @@ def test_training_block_is_unchanged_by_the_quarter_plane_pooling(monkeypatch, o
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-def test_lowrank_key_index_routes_the_key_gradient_into_the_values():
+@pytest.mark.parametrize('normalizer', ['key', 'rowsum'])
+def test_lowrank_key_index_routes_the_key_gradient_into_the_values(normalizer):
     from pide_zoo.layers.pide_ops import _lowrank_diffusion
     g = torch.Generator().manual_seed(0)
     theta, phi = (torch.randn(2, 3, n, dtype=torch.float64, generator=g) for n in (12, 4))
     values = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
     index = torch.randint(0, 12, (2, 5, 4), generator=g)
-    for normalizer in ('key', 'rowsum'):
-        def with_index(t, p, v):
-            return _lowrank_diffusion(t, p, v, v.detach().gather(2, index), 0.3, normalizer, key_index=index)
 
-        def with_gather(t, p, v):
-            return _lowrank_diffusion(t, p, v, v.gather(2, index), 0.3, normalizer)
+    def with_index(t, p, v):
+        return _lowrank_diffusion(t, p, v, v.detach().gather(2, index), 0.3, normalizer, key_index=index)
 
-        args = [t.clone().requires_grad_() for t in (theta, phi, values)]
-        grad = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
-        got = torch.autograd.grad(with_index(*args), args, grad)
-        want = torch.autograd.grad(with_gather(*args), args, grad)
-        for a, e in zip(got, want):
-            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-        assert torch.autograd.gradcheck(with_index, args)
-        with torch.no_grad():
-            torch.testing.assert_close(with_index(*args), with_gather(*args), rtol=0, atol=0)
+    def with_gather(t, p, v):
+        return _lowrank_diffusion(t, p, v, v.gather(2, index), 0.3, normalizer)
+
+    args = [t.clone().requires_grad_() for t in (theta, phi, values)]
+    grad = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(with_index(*args), args, grad)
+    want = torch.autograd.grad(with_gather(*args), args, grad)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(with_index, args)
+    with torch.no_grad():
+        torch.testing.assert_close(with_index(*args), with_gather(*args), rtol=0, atol=0)
