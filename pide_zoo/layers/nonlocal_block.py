@@ -131,11 +131,16 @@ class _MaxPool2x2(torch.autograd.Function):
         return grad.new_zeros(b, c, h * w).scatter_(2, idx.view(b, c, -1), grad.reshape(b, c, -1)).view(b, c, h, w)
 
 
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, 'is_compiling', None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 def _quarter_plane_pooling(x: Tensor, subsample: int) -> bool:
     """Whether 2x2 key pooling goes by :func:`_max_pool2x2_indices`: training on CPU with an input whose
     planes are contiguous (the native kernel stays for inference, tracing, compilation and other devices)."""
     return (subsample == 2 and x.device.type == 'cpu' and torch.is_grad_enabled() and x.requires_grad
-            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and not torch.compiler.is_compiling()
+            and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and not _is_compiling()
             and not torch.jit.is_tracing())
 
 
