@@ -314,3 +314,37 @@ def test_lowrank_key_index_routes_the_key_gradient_into_the_values(normalizer):
     assert torch.autograd.gradcheck(with_index, args)
     with torch.no_grad():
         torch.testing.assert_close(with_index(*args), with_gather(*args), rtol=0, atol=0)
+
+
+def test_fast_cpu_paths_are_twice_differentiable():
+    from pide_zoo.layers.nonlocal_block import _MaxPool2x2, _PointwiseConv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradgradcheck(_PointwiseConv.apply, (x, w, b))
+    assert torch.autograd.gradgradcheck(_MaxPool2x2.apply, (x,))
+
+
+def test_dense_training_block_is_twice_differentiable(monkeypatch):
+    # e.g. a gradient penalty: second derivatives through the CPU fast paths equal those through F.conv2d
+    # and F.max_pool2d
+    from pide_zoo.layers import nonlocal_block
+    torch.manual_seed(0)
+    block = PIDEBlock(4, operator='frac_laplacian', subsample=2, method='dense', dtype=torch.float64).train()
+    x = torch.randn(2, 4, 4, 6, dtype=torch.float64, requires_grad=True)
+
+    def second_order():
+        g, = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), [x, *block.parameters()])
+
+    calls = []
+    real = nonlocal_block._PointwiseConv.apply
+    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    got = second_order()
+    assert len(calls) == 1 + block.stages
+    monkeypatch.setattr(nonlocal_block, '_pointwise_conv', torch.nn.functional.conv2d)
+    monkeypatch.setattr(nonlocal_block, '_quarter_plane_pooling', lambda *a: False)
+    want = second_order()
+    for a, e in zip(got, want):  # conv biases before training-mode BN get ~0 gradients: absolute tolerance
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-9)

@@ -11,7 +11,6 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .pide_ops import (
     KERNELS,
@@ -66,8 +65,7 @@ class _PointwiseConv(torch.autograd.Function):
         return y.view(b, -1, h, w)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # differentiable torch ops: twice differentiable, as F.conv2d
         x, weight = ctx.saved_tensors
         b, c, h, w = x.shape
         o = weight.shape[0]
@@ -124,8 +122,7 @@ class _MaxPool2x2(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # differentiable in grad: twice differentiable, as F.max_pool2d
         idx, = ctx.saved_tensors
         b, c, h, w = ctx.in_shape
         return grad.new_zeros(b, c, h * w).scatter_(2, idx.view(b, c, -1), grad.reshape(b, c, -1)).view(b, c, h, w)
