@@ -369,8 +369,8 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
     dtype = _compute_dtype(theta, phi, v_query, v_key)
     with _autocast_off(theta):
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
-        fast = normalizer != 'rowsum' and torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq))
-        if key_index is not None and not fast:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk))
+        if key_index is not None and (normalizer == 'rowsum' or not needs_grad):  # no hand-written backward
             vk, key_index = vq.gather(2, key_index), None
         m, n_query = phi.shape[2], theta.shape[2]
         if normalizer == 'rowsum':  # the normalisation depends on theta: plain autograd
@@ -378,7 +378,7 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
             agg = lam * torch.bmm(pv.transpose(1, 2), theta) - vq * rowsum.unsqueeze(1)
             return _normalize(agg, rowsum, normalizer, m, n_query)
         scale = 1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
+        if needs_grad:
             return _LowRankDiffusion.apply(theta, phi, vq, vk, lam, scale, key_index)
         pv, _, rowsum = _lowrank_parts(theta, phi, vk, lam)
         return _lowrank_combine(theta, vq, pv, rowsum, lam, scale)
