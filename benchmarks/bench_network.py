@@ -10,6 +10,12 @@ of the CPUs other processes used meanwhile (harness).
     PYTHONPATH=. python benchmarks/bench_network.py --models hamiltonian74,nl_hamiltonian74,nl_hamiltonian74_frac
     PYTHONPATH=. python benchmarks/bench_network.py --device cuda --batch 128
     PYTHONPATH=. python benchmarks/bench_network.py --compile             # both models under torch.compile
+    PYTHONPATH=. python benchmarks/bench_network.py --floors              # what parts of the block cost
+
+With ``--floors`` two more rows take nl_hamiltonian74 with its PIDE blocks cut down to parts of themselves:
+``[stages]`` keeps only each stage's batch norm, activation and residual step (B_k = X + h ReLU(BN(B_{k-1})),
+no embedding, aggregate or 1x1 convolution), ``[stages+conv]`` adds the stage's 1x1 convolution back. The
+block's full-resolution elementwise work costs at least the first row, whatever computes the aggregate.
 
 With ``--compile [BACKEND]`` every model is wrapped in ``torch.compile`` (default backend inductor); its first
 steps compile forward and backward, take as long as that takes, and are reported apart, never timed.
@@ -26,6 +32,34 @@ from typing import Optional
 from harness import CpuContention, add_harness_args, environment_lines, fmt_pct, print_table, setup, wait_for_idle
 
 TARGET_RATIO = 1.10
+FLOOR_MODEL = 'nl_hamiltonian74'
+FLOORS = {f'{FLOOR_MODEL}[stages]': False, f'{FLOOR_MODEL}[stages+conv]': True}  # name -> keep the 1x1 conv
+
+
+def cut_pide_blocks(model, keep_conv: bool) -> None:
+    """Replace every PIDEBlock of ``model`` by its stages' norm, activation and residual (and 1x1 conv)."""
+    import torch
+    from torch import nn
+
+    from pide_zoo.layers import PIDEBlock
+    from pide_zoo.layers.nonlocal_block import _pointwise_conv  # the block's own 1x1 convolution
+
+    class StagesOnly(nn.Module):
+        def __init__(self, block: PIDEBlock):
+            super().__init__()
+            self.convs, self.norms, self.act, self.h = block.convs, block.norms, block.act, block.h
+
+        def forward(self, x):
+            out = x
+            for conv, norm in zip(self.convs, self.norms):
+                t = _pointwise_conv(out, conv.weight, conv.bias) if keep_conv else out
+                out = torch.add(x, self.act(norm(t)), alpha=self.h)
+            return out
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PIDEBlock):
+                setattr(parent, name, StagesOnly(child))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -39,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--num-classes', type=int, default=10)
     parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                         help='torch.compile every model with BACKEND (inductor when given bare)')
+    parser.add_argument('--floors', action='store_true',
+                        help=f'add {FLOOR_MODEL} with its PIDE blocks cut to their stages (see above)')
     args = parser.parse_args(argv)
     setup(parser, args)
     if args.quick:
@@ -51,6 +87,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     device = torch.device(args.device)
     names = [m for m in args.models.split(',') if m]
+    if args.floors:
+        names += [n for n in FLOORS if n not in names]
     if len(names) < 2:
         parser.error('--models needs a reference and at least one model to compare with it')
     torch.manual_seed(0)
@@ -58,7 +96,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     models, opts = {}, {}
     for name in names:
-        model = timm.create_model(name, num_classes=args.num_classes).to(device).train()
+        model = timm.create_model(FLOOR_MODEL if name in FLOORS else name, num_classes=args.num_classes)
+        if name in FLOORS:
+            cut_pide_blocks(model, keep_conv=FLOORS[name])
+        model = model.to(device).train()
         opts[name] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         models[name] = torch.compile(model, backend=args.compile) if args.compile else model
 

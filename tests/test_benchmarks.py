@@ -134,3 +134,33 @@ def test_bench_network_compile_names_the_backend_and_keeps_compiling_steps_apart
     assert "torch.compile(backend='eager')" in out
     assert 'first two (compiling) steps, untimed above: resnet44_cifar ' in out
     assert len([line for line in out.splitlines() if line.startswith('| preresnet20')]) == 1
+
+
+def test_cut_pide_blocks_keeps_only_the_stages_norm_activation_residual_and_conv():
+    import torch
+    from torch import nn
+
+    from pide_zoo.layers import PIDEBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    for keep_conv in (False, True):
+        block = PIDEBlock(8, stages=2, h=0.3).eval()
+        for norm in block.norms:  # non-trivial running statistics and affine parameters
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+            norm.weight.data.uniform_(0.5, 2), norm.bias.data.uniform_(-1, 1)
+        model = nn.Sequential(nn.Identity(), block)
+        bench_network.cut_pide_blocks(model, keep_conv=keep_conv)
+        assert not any(isinstance(m, PIDEBlock) for m in model.modules())
+        out = x
+        for conv, norm in zip(block.convs, block.norms):
+            t = conv(out) if keep_conv else out
+            out = x + 0.3 * torch.relu(norm(t))
+        torch.testing.assert_close(model(x), out)
+
+
+def test_bench_network_floors_add_the_cut_down_models(capsys):
+    bench_network.main(['--quick', '--models', 'hamiltonian74,nl_hamiltonian74', '--floors'])
+    rows = [line.split('|')[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert rows[1:] == ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74[stages]',
+                        'nl_hamiltonian74[stages+conv]']
