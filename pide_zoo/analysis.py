@@ -50,6 +50,7 @@ def matrix_spectrum(weight: Tensor) -> Dict[str, Any]:
     Returns the eigenvalues of K (``real``, ``imag``), the eigenvalues of its symmetric part (``sym``,
     ascending), the fraction of eigenvalues with positive real part (``frac_pos_real``, Figure 7's "+")
     and of positive symmetric-part eigenvalues (``frac_pos_sym``, Figure 8's "+"), and the spectral norm.
+    Values within n * eps * ||K||_2 of zero count as zero, not positive.
     """
     k = weight.detach().reshape(weight.shape[0], -1).double().cpu()
     if k.shape[0] != k.shape[1]:
@@ -58,10 +59,14 @@ def matrix_spectrum(weight: Tensor) -> Dict[str, Any]:
     order = torch.argsort(eig.real)
     eig = eig[order]
     sym = torch.linalg.eigvalsh((k + k.T) / 2)
+    norm = torch.linalg.matrix_norm(k, ord=2).item()
+    # Real parts within rounding of zero (a purely imaginary pair comes out as +-1e-17 or so, by LAPACK build
+    # and processor) are zero, not positive.
+    tol = k.shape[0] * torch.finfo(k.dtype).eps * norm
     return dict(
         size=k.shape[0], real=eig.real.tolist(), imag=eig.imag.tolist(), sym=sym.tolist(),
-        frac_pos_real=(eig.real > 0).double().mean().item(), frac_pos_sym=(sym > 0).double().mean().item(),
-        spectral_norm=torch.linalg.matrix_norm(k, ord=2).item(),
+        frac_pos_real=(eig.real > tol).double().mean().item(), frac_pos_sym=(sym > tol).double().mean().item(),
+        spectral_norm=norm,
     )
 
 
