@@ -128,6 +128,23 @@ def test_bench_network_quick_reports_each_model_against_the_reference(capsys):
         bench_network.main(['--quick', '--models', 'resnet44_cifar'])
 
 
+def test_bench_network_pairs_each_model_with_the_reference_in_its_own_process(capsys):
+    bench_network.main(['--models', 'preresnet20_cifar,resnet44_cifar,hamiltonian74', '--batch', '2',
+                        '--repeats', '1', '--warmup', '0'])
+    out = capsys.readouterr().out
+    assert 'each model interleaved with preresnet20_cifar in a fresh process' in out
+    assert 'one spawned process per measurement' in out
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+            for line in out.splitlines() if line.startswith('| ') and not line.startswith('| model')}
+    assert list(rows) == ['preresnet20_cifar', 'resnet44_cifar', 'hamiltonian74']
+    for params, step_ms, ref_ms, ratio in rows.values():
+        t, r = float(step_ms), float(ref_ms)
+        assert float(params) > 0 and t > 0 and r > 0
+        # the ratio is taken within its own process (the printed times are rounded to 0.1 ms)
+        assert float(ratio.rstrip('x')) == pytest.approx(t / r, abs=0.05 * (1 + t / r) / r + 1e-3)
+    assert rows['preresnet20_cifar'][3] == '1.000x'
+
+
 def test_bench_network_compile_names_the_backend_and_keeps_compiling_steps_apart(capsys):
     bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar', '--compile', 'eager'])
     out = capsys.readouterr().out
