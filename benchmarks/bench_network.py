@@ -37,6 +37,7 @@ from harness import (
     environment_lines,
     fmt_pct,
     print_table,
+    progress,
     run_isolated,
     setup,
     wait_for_idle,
@@ -81,6 +82,8 @@ def measure_models(names: list[str], cfg: dict) -> dict:
 
     import pide_zoo  # noqa: F401  (registers the models)
 
+    if cfg['threads']:  # a spawned process does not inherit the parent's setting
+        torch.set_num_threads(cfg['threads'])
     device = torch.device(cfg['device'])
     torch.manual_seed(0)
     x = torch.randn(cfg['batch'], 3, cfg['img_size'], cfg['img_size'], device=device)
@@ -124,7 +127,7 @@ def measure_models(names: list[str], cfg: dict) -> dict:
             times[name].append(step(name))
     return {'ms': {name: 1e3 * statistics.median(t) for name, t in times.items()},
             'params': {name: sum(p.numel() for p in models[name].parameters()) / 1e6 for name in names},
-            'compile_s': compile_s, 'others': contention.fraction()}
+            'compile_s': compile_s, 'others': contention.fraction(), 'threads': torch.get_num_threads()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -150,14 +153,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         names += [n for n in FLOORS if n not in names]
     if len(names) < 2:
         parser.error('--models needs a reference and at least one model to compare with it')
+    if len(set(names)) != len(names):
+        parser.error(f'--models names each model once, got {",".join(names)}')
     ref = names[0]
     cfg = dict(device=args.device, batch=args.batch, img_size=args.img_size, num_classes=args.num_classes,
-               compile=args.compile, warmup=args.warmup, repeats=args.repeats, wait_idle_s=args.wait_idle_s)
+               compile=args.compile, warmup=args.warmup, repeats=args.repeats, wait_idle_s=args.wait_idle_s,
+               threads=args.threads)
     # In fresh processes each model is paired with the reference alone: with more models in one process
     # they share the allocator's heap and caches, which moved single rows by up to 0.13x of the reference.
     groups = [names] if args.in_process else [[ref, name] for name in names[1:]]
     results = []
-    for group in groups:
+    for i, group in enumerate(groups, 1):
+        progress(f'[{i}/{len(groups)}] {" and ".join(group)}, {args.warmup} + {args.repeats} interleaved rounds')
         result = run_isolated(measure_models, group, cfg, in_process=args.in_process)
         if 'error' in result:
             raise SystemExit(f'measuring {", ".join(group)} failed: {result["error"]}')
@@ -169,6 +176,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     params = {name: p for r in results for name, p in r['params'].items()}
     compile_s = {name: t for r in results for name, t in r['compile_s'].items()}
     others = [r['others'] for r in results if r['others'] is not None]
+    args.threads = results[0]['threads']  # as the measuring processes ran
     how = f', torch.compile(backend={args.compile!r})' if args.compile else ''
     layout = ('models interleaved in one process' if args.in_process
               else f'each model interleaved with {ref} in a fresh process')

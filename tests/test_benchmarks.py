@@ -126,12 +126,15 @@ def test_bench_network_quick_reports_each_model_against_the_reference(capsys):
     assert len(rows) == 2 and rows[0].rstrip(' |').endswith('1.000x')
     with pytest.raises(SystemExit):
         bench_network.main(['--quick', '--models', 'resnet44_cifar'])
+    with pytest.raises(SystemExit):
+        bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar,resnet44_cifar'])
 
 
 def test_bench_network_pairs_each_model_with_the_reference_in_its_own_process(capsys):
     bench_network.main(['--models', 'preresnet20_cifar,resnet44_cifar,hamiltonian74', '--batch', '2',
-                        '--repeats', '1', '--warmup', '0'])
+                        '--repeats', '1', '--warmup', '0', '--threads', '1'])
     out = capsys.readouterr().out
+    assert ', 1 CPU threads,' in out  # read back from the spawned processes
     assert 'each model interleaved with preresnet20_cifar in a fresh process' in out
     assert 'one spawned process per measurement' in out
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
