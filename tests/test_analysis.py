@@ -52,7 +52,6 @@ def test_matrix_spectrum_matches_numpy():
         matrix_spectrum(torch.zeros(3, 4, 1, 1))
 
 
-
 def test_matrix_spectrum_counts_rounding_noise_as_zero(monkeypatch):
     # A purely imaginary pair as some LAPACK builds return it (real parts +4.8e-17): zero, not positive.
     d = torch.diag(torch.tensor([1.0, -1.0, 2.0])) + torch.tensor([[0, 3.0, 0], [-3.0, 0, 0], [0, 0, 0]])
@@ -61,6 +60,7 @@ def test_matrix_spectrum_counts_rounding_noise_as_zero(monkeypatch):
     assert matrix_spectrum(d)['frac_pos_real'] == pytest.approx(1 / 3)
     noisy[0] = noisy[1] = 1e-3 + 0j  # well above rounding: positive
     assert matrix_spectrum(d)['frac_pos_real'] == 1.0
+
 
 def test_nonlocal_spectra_cover_every_block_and_stage():
     model = _small(nonlocal_stages=3)
