@@ -79,7 +79,8 @@ def batch_norm_eval(x, bn):
 
 
 def pide_block(block, x):
-    """B_k = X + h ReLU(BN(K_k A(B_{k-1}))), the kernel from theta(X), phi(X) pooled (eval-mode BN)."""
+    """B_k = X + h ReLU(BN(K_k A(B_{k-1}))), the kernel from theta(X), phi(X) pooled (eval-mode BN), evaluated
+    at theta / sigma, phi / sigma for the block's ``embed_scale`` sigma (1: the paper's kernel)."""
     x = x.double()
     b, c, hh, ww = x.shape
     theta = conv1x1(x, block.theta)
@@ -89,7 +90,8 @@ def pide_block(block, x):
     out = x
     for conv, bn in zip(block.convs, block.norms):
         vk = max_pool(out, p) if p > 1 else out
-        agg = aggregate(theta.flatten(2), phi_k.flatten(2), out.flatten(2), vk.flatten(2), block.operator,
+        sigma = block.embed_scale
+        agg = aggregate(theta.flatten(2) / sigma, phi_k.flatten(2) / sigma, out.flatten(2), vk.flatten(2), block.operator,
                         block.s, block.n, block.lam, block.kernel, block.normalizer)
         out = x + block.h * torch.relu(batch_norm_eval(conv1x1(agg.view(b, c, hh, ww), conv), bn))
     return out

@@ -126,11 +126,13 @@ def test_bad_input(shape, match):
 
 def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
     """tests/data/pide_blocks_v0_1.pt holds blocks, inputs and outputs written by pide_zoo 0.1 before the
-    fused path and the block's faster embeddings: same keys, same outputs (float64, eval and train mode)."""
+    fused path and the block's faster embeddings: same keys, same outputs (float64, eval and train mode) with the
+    kernel form release 0.1 computed, the paper's, passed explicitly."""
     saved = torch.load(Path(__file__).parent / 'data' / 'pide_blocks_v0_1.pt', weights_only=True)
     for operator in ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']:
         case = saved[operator]
-        block = PIDEBlock(6, operator=operator, subsample=2, stages=2, h=0.5, lam=0.3, dtype=torch.float64)
+        block = PIDEBlock(6, operator=operator, subsample=2, stages=2, h=0.5, lam=0.3, kernel_scale='paper',
+                          dtype=torch.float64)
         block.load_state_dict(case['state_dict'])
         with torch.no_grad():
             torch.testing.assert_close(block.eval()(case['x']), case['eval'], rtol=1e-12, atol=1e-12)
@@ -142,7 +144,7 @@ def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('needs', [(True, True, True), (True, False, False), (False, True, True), (False, True, False)])
 def test_pointwise_conv_equals_conv2d_in_values_and_gradients(bias, needs):
-    from pide_zoo.layers.nonlocal_block import _PointwiseConv
+    from pide_zoo.layers.fast_paths import _PointwiseConv
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 4, 7, dtype=torch.float64, generator=g)
     w = torch.randn(6, 5, 1, 1, dtype=torch.float64, generator=g)
@@ -162,26 +164,26 @@ def test_pointwise_conv_equals_conv2d_in_values_and_gradients(bias, needs):
 
 
 def test_pointwise_conv_is_used_only_where_it_applies(monkeypatch):
-    from pide_zoo.layers import nonlocal_block
+    from pide_zoo.layers import fast_paths
     calls = []
-    real = nonlocal_block._PointwiseConv.apply
-    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    real = fast_paths._PointwiseConv.apply
+    monkeypatch.setattr(fast_paths._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     w = torch.randn(4, 4, 1, 1, requires_grad=True)
     x = torch.randn(2, 4, 3, 5)
-    nonlocal_block._pointwise_conv(x, w, None)
+    fast_paths.pointwise_conv(x, w, None)
     assert calls == [1]
     with torch.no_grad():
-        nonlocal_block._pointwise_conv(x, w, None)  # inference: F.conv2d
-    nonlocal_block._pointwise_conv(x.transpose(2, 3), w, None)  # not contiguous
-    nonlocal_block._pointwise_conv(x, w.detach(), None)  # nothing needs a gradient
+        fast_paths.pointwise_conv(x, w, None)  # inference: F.conv2d
+    fast_paths.pointwise_conv(x.transpose(2, 3), w, None)  # not contiguous
+    fast_paths.pointwise_conv(x, w.detach(), None)  # nothing needs a gradient
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        nonlocal_block._pointwise_conv(x, w, None)
+        fast_paths.pointwise_conv(x, w, None)
     assert calls == [1]
 
 
 @pytest.mark.parametrize('operator,kernel', CASES)
 def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatch, operator, kernel):
-    from pide_zoo.layers import nonlocal_block
+    from pide_zoo.layers import fast_paths, nonlocal_block
     torch.manual_seed(0)
     block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3,
                       dtype=torch.float64).train()
@@ -193,143 +195,28 @@ def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatc
         return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
 
     calls = []
-    real = nonlocal_block._PointwiseConv.apply
-    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    real = fast_paths._PointwiseConv.apply
+    monkeypatch.setattr(fast_paths._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     got = run()
     assert len(calls) == 1 + block.stages  # the embedding and every stage's K_k took the GEMM path
-    monkeypatch.setattr(nonlocal_block, '_pointwise_conv', torch.nn.functional.conv2d)
+    monkeypatch.setattr(nonlocal_block, 'pointwise_conv', torch.nn.functional.conv2d)
     want = run()
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-def _native_pool_and_grad(x, grad):
-    x = x.detach().requires_grad_()
-    out, idx = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
-    return out, idx, torch.autograd.grad(out, x, grad)[0]
-
-
-@pytest.mark.parametrize('shape', [(2, 3, 8, 10), (2, 3, 7, 9), (1, 2, 2, 3)])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
-def test_max_pool_2x2_equals_native_values_indices_and_gradients(shape, dtype):
-    from pide_zoo.layers.nonlocal_block import _MaxPool2x2
-    g = torch.Generator().manual_seed(0)
-    # Few distinct values: most windows hold ties, some all four equal; plus a window of +-inf.
-    x = torch.randint(-2, 3, shape, generator=g).to(dtype)
-    x[0, 0, 0, :2] = float('inf')
-    x[-1, -1, :2, :2] = float('-inf')
-    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g).to(dtype)
-    want, want_idx, want_grad = _native_pool_and_grad(x, grad)
-    xg = x.clone().requires_grad_()
-    got = _MaxPool2x2.apply(xg)
-    got_grad, = torch.autograd.grad(got, xg, grad)
-    assert torch.equal(got, want) and got.is_contiguous()
-    assert torch.equal(got_grad, want_grad)  # the gradient lands on the native kernel's index
-    # the indices themselves: where a gradient of ones lands, per plane
-    ones = torch.autograd.grad(_MaxPool2x2.apply(xg), xg, torch.ones_like(got))[0]
-    assert torch.equal(ones.flatten(2).nonzero()[:, 2], want_idx.flatten(2).sort(2).values.flatten())
-
-
-def test_max_pool_2x2_with_nan_and_on_a_channel_slice_equals_native():
-    from pide_zoo.layers.nonlocal_block import _MaxPool2x2
-    g = torch.Generator().manual_seed(1)
-    both = torch.randn(2, 6, 6, 8, generator=g).round(decimals=1)
-    x = both[:, 3:]  # a channel slice, as the key embedding phi is of the theta/phi convolution
-    x[0, 0, 0, 1] = x[0, 0, 1, 0] = float('nan')  # two NaNs in one window: the native kernel takes the last
-    grad = torch.randn(2, 3, 3, 4, generator=g)
-    want, _, want_grad = _native_pool_and_grad(x, grad)
-    xg = x.clone().requires_grad_()
-    got = _MaxPool2x2.apply(xg)
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
-    assert torch.equal(torch.autograd.grad(got, xg, grad)[0], want_grad)
-    xs = both.clone().requires_grad_()
-    got = _MaxPool2x2.apply(xs[:, 3:])
-    assert torch.equal(torch.autograd.grad(got, xs, grad)[0][:, 3:], want_grad)
-
-
-def test_max_pool_keys_uses_the_quarter_plane_path_only_where_it_applies(monkeypatch):
-    from pide_zoo.layers import nonlocal_block
-    calls = []
-    real = nonlocal_block._MaxPool2x2.apply
-    monkeypatch.setattr(nonlocal_block._MaxPool2x2, 'apply', lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    for t in (x, x[:, 2:]):
-        assert torch.equal(nonlocal_block._max_pool_keys(t, 2), torch.nn.functional.max_pool2d(t, 2))
-    assert calls == [1, 1]
-    with torch.no_grad():
-        nonlocal_block._max_pool_keys(x, 2)  # inference
-    nonlocal_block._max_pool_keys(x.detach(), 2)  # nothing needs a gradient
-    nonlocal_block._max_pool_keys(x.transpose(2, 3), 2)  # planes not contiguous
-    nonlocal_block._max_pool_keys(x.contiguous(memory_format=torch.channels_last), 2)
-    assert torch.equal(nonlocal_block._max_pool_keys(x, 3), torch.nn.functional.max_pool2d(x, 3))
-    assert nonlocal_block._max_pool_keys(x, 1) is x
-    assert calls == [1, 1]
-
-
-@pytest.mark.parametrize('operator,kernel', CASES)
-def test_training_block_is_unchanged_by_the_quarter_plane_pooling(monkeypatch, operator, kernel):
-    from pide_zoo.layers import nonlocal_block
-    torch.manual_seed(0)
-    block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3,
-                      dtype=torch.float64).train()
-    x = torch.randn(2, 6, 5, 8, dtype=torch.float64).round(decimals=1).requires_grad_()  # ties in the keys
-    grad = torch.randn_like(x)
-
-    def run():
-        out = block(x)
-        return [out, *torch.autograd.grad(out, [x, *block.parameters()], grad)]
-
-    calls = []
-    real = nonlocal_block._max_pool2x2_indices
-    monkeypatch.setattr(nonlocal_block, '_max_pool2x2_indices', lambda t: calls.append(1) or real(t))
-    got = run()
-    assert len(calls) == 1 + block.stages  # phi and the values of every stage
-    monkeypatch.setattr(nonlocal_block, '_quarter_plane_pooling', lambda *a: False)
-    want = run()
-    assert len(calls) == 1 + block.stages
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize('normalizer', ['key', 'rowsum'])
-def test_lowrank_key_index_routes_the_key_gradient_into_the_values(normalizer):
-    from pide_zoo.layers.pide_ops import _lowrank_diffusion
-    g = torch.Generator().manual_seed(0)
-    theta, phi = (torch.randn(2, 3, n, dtype=torch.float64, generator=g) for n in (12, 4))
-    values = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
-    index = torch.randint(0, 12, (2, 5, 4), generator=g)
-
-    def with_index(t, p, v):
-        return _lowrank_diffusion(t, p, v, v.detach().gather(2, index), 0.3, normalizer, key_index=index)
-
-    def with_gather(t, p, v):
-        return _lowrank_diffusion(t, p, v, v.gather(2, index), 0.3, normalizer)
-
-    args = [t.clone().requires_grad_() for t in (theta, phi, values)]
-    grad = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
-    got = torch.autograd.grad(with_index(*args), args, grad)
-    want = torch.autograd.grad(with_gather(*args), args, grad)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(with_index, args)
-    with torch.no_grad():
-        torch.testing.assert_close(with_index(*args), with_gather(*args), rtol=0, atol=0)
-
-
 def test_fast_cpu_paths_are_twice_differentiable():
-    from pide_zoo.layers.nonlocal_block import _MaxPool2x2, _PointwiseConv
+    from pide_zoo.layers.fast_paths import _PointwiseConv
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradgradcheck(_PointwiseConv.apply, (x, w, b))
-    assert torch.autograd.gradgradcheck(_MaxPool2x2.apply, (x,))
 
 
 def test_dense_training_block_is_twice_differentiable(monkeypatch):
-    # e.g. a gradient penalty: second derivatives through the CPU fast paths equal those through F.conv2d
-    # and F.max_pool2d
-    from pide_zoo.layers import nonlocal_block
+    # e.g. a gradient penalty: second derivatives through the CPU fast path equal those through F.conv2d
+    from pide_zoo.layers import fast_paths, nonlocal_block
     torch.manual_seed(0)
     block = PIDEBlock(4, operator='frac_laplacian', subsample=2, method='dense', dtype=torch.float64).train()
     x = torch.randn(2, 4, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -339,12 +226,11 @@ def test_dense_training_block_is_twice_differentiable(monkeypatch):
         return torch.autograd.grad(g.square().sum(), [x, *block.parameters()])
 
     calls = []
-    real = nonlocal_block._PointwiseConv.apply
-    monkeypatch.setattr(nonlocal_block._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    real = fast_paths._PointwiseConv.apply
+    monkeypatch.setattr(fast_paths._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     got = second_order()
     assert len(calls) == 1 + block.stages
-    monkeypatch.setattr(nonlocal_block, '_pointwise_conv', torch.nn.functional.conv2d)
-    monkeypatch.setattr(nonlocal_block, '_quarter_plane_pooling', lambda *a: False)
+    monkeypatch.setattr(nonlocal_block, 'pointwise_conv', torch.nn.functional.conv2d)
     want = second_order()
     for a, e in zip(got, want):  # conv biases before training-mode BN get ~0 gradients: absolute tolerance
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-9)

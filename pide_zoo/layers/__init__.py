@@ -3,6 +3,7 @@ from .hamiltonian import HamiltonianBlock, HamiltonianUnit, hamiltonian_units, r
 from .nonlocal_block import PIDEBlock
 from .pide_ops import (
     EULER_GAMMA,
+    KERNEL_SCALES,
     KERNELS,
     METHODS,
     NORMALIZERS,
@@ -16,11 +17,12 @@ from .pide_ops import (
     pide_kernel,
     resolve_method,
     resolve_operator,
+    width_scale,
 )
 
 __all__ = [
     'HamiltonianBlock', 'HamiltonianUnit', 'hamiltonian_units', 'reversible_chain', 'smoothness_penalty',
-    'PIDEBlock', 'EULER_GAMMA', 'KERNELS', 'METHODS', 'NORMALIZERS', 'OPERATOR_ALIASES', 'OPERATORS',
+    'PIDEBlock', 'EULER_GAMMA', 'KERNEL_SCALES', 'KERNELS', 'METHODS', 'NORMALIZERS', 'OPERATOR_ALIASES', 'OPERATORS',
     'apply_kernel', 'check_s', 'default_s', 'nonlocal_aggregate', 'pide_constant', 'pide_kernel',
-    'resolve_method', 'resolve_operator',
+    'resolve_method', 'resolve_operator', 'width_scale',
 ]

@@ -20,7 +20,8 @@ Three ways to evaluate them, all exact:
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from numbers import Real
 from typing import Optional, Union
 
@@ -31,7 +32,9 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     'OPERATORS', 'OPERATOR_ALIASES', 'KERNELS', 'NORMALIZERS', 'METHODS', 'METHOD_ALIASES', 'EULER_GAMMA',
     'resolve_operator', 'default_s', 'check_s', 'check_normalizer', 'check_tile_size', 'pide_constant',
-    'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method', 'query_tile',
+    'pide_kernel', 'apply_kernel', 'nonlocal_aggregate', 'resolve_method', 'query_tile', 'KERNEL_SCALES',
+    'WIDTH_SCALE_TAU', 'check_kernel_args', 'width_scale', 'embed_scale_for', 'ieee_fp32_matmul',
+    'evaluate_kernel', 'evaluate_aggregate',
 ]
 
 OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
@@ -41,6 +44,12 @@ METHODS = ('auto', 'lowrank', 'fused', 'dense')
 # Earlier name of the fused tiled path, still accepted.
 METHOD_ALIASES = {'tiled': 'fused'}
 EULER_GAMMA = 0.5772156649015329
+KERNEL_SCALES = ('paper', 'width')
+# Length unit tau sqrt(E) of the 'width' scale for the distance kernels. tau = 1.5 keeps the power kernels'
+# pre-BN signal at 1.8e-2 - 6e-2 (6-20x batch norm's sqrt(eps)) from 16 to 2048 channels (tau = 1: frac 5e-3);
+# the log kernel's scale only shifts its constant part, which nearly cancels gamma at tau = 1.5 (7e-3), so it
+# keeps tau = 1 (1.4e-2 - 1.7e-2). benchmarks/bench_init.py prints the table.
+WIDTH_SCALE_TAU = {'frac_laplacian': 1.5, 'inv_frac_laplacian': 1.5, 'log': 1.0}
 
 # The paper's names and common spellings for each operator.
 OPERATOR_ALIASES = {
@@ -125,6 +134,98 @@ def pide_constant(operator: str, s: Optional[float] = None, n: int = 2) -> float
     return 1.0 / ((4 * math.pi) ** (n / 2) * math.gamma(n / 2))
 
 
+def check_kernel_args(operator: str, s: Optional[float] = None, n: int = 2, kernel: str = 'dot',
+                      embed_scale: float = 1.0) -> tuple[str, Optional[float]]:
+    """Validate a kernel's arguments; returns the canonical operator name and the order s."""
+    operator = resolve_operator(operator)
+    s = check_s(operator, s, n)
+    if kernel not in KERNELS:
+        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+    if kernel != 'dot' and operator != 'diffusion':
+        raise ValueError(f"kernel={kernel!r} applies to operator 'diffusion' only, got operator={operator!r}")
+    if not isinstance(embed_scale, Real) or isinstance(embed_scale, bool) or not 0 < embed_scale < math.inf:
+        raise ValueError(f'embed_scale must be a positive finite number, got {embed_scale!r}')
+    return operator, s
+
+
+def width_scale(operator: str, kernel: str, embed_channels: int) -> float:
+    """The ``embed_scale`` of ``kernel_scale='width'`` for embeddings of width E = ``embed_channels``.
+
+    |theta_i - phi_j| grows like sqrt(E), so the paper's power kernels shrink like E^-(n+-2s)/2: from 16
+    channels on, the fractional Laplacian's signal falls below batch norm's eps and the block learns nothing.
+    Distances measured in units of tau sqrt(E) (``WIDTH_SCALE_TAU``) keep every distance kernel's signal at
+    one level from 16 to 2048 channels: the power kernels are the paper's with lambda (tau sqrt(E))^(n+-2s),
+    the log kernel's gamma is shifted by -log(tau^2 E). The gaussian diffusion kernel, which sharpens as E
+    grows, gets exp(lam theta.phi / sqrt(E)) (E^(1/4) on each side) as scaled dot-product attention; the dot
+    diffusion kernel is linear in lambda, which batch norm absorbs, and stays the paper's (1).
+
+    Why this form: a fixed factor adds no state, costs nothing (it is folded into the constants), traces and
+    exports as the paper's kernel and equals it with a closed-form lambda. The row-sum normalizer also
+    cancels lambda (pre-BN signal 1.2-1.5 at every width) but changes the operator, and with the dot kernel
+    its near-zero row sums blow the embeddings' gradients up (relative gradient of theta 3e3 - 8e3); a
+    data-dependent RMS distance would need a running buffer for evaluation and new state in checkpoints.
+    """
+    operator = resolve_operator(operator)
+    if operator != 'diffusion':
+        return WIDTH_SCALE_TAU[operator] * math.sqrt(embed_channels)
+    return embed_channels ** 0.25 if kernel == 'gaussian' else 1.0
+
+
+def embed_scale_for(kernel_scale: Union[str, float], operator: str, kernel: str, embed_channels: int) -> float:
+    """``embed_scale`` for a block's ``kernel_scale``: ``'paper'`` 1, ``'width'`` :func:`width_scale`, a number
+    itself."""
+    if kernel_scale == 'paper':
+        return 1.0
+    if kernel_scale == 'width':
+        return width_scale(operator, kernel, embed_channels)
+    if isinstance(kernel_scale, Real) and not isinstance(kernel_scale, bool) and 0 < kernel_scale < math.inf:
+        return float(kernel_scale)
+    raise ValueError(f'kernel_scale must be one of {KERNEL_SCALES} or a positive number, got {kernel_scale!r}')
+
+
+def _fp32_backends() -> list:
+    # torch >= 2.9 sets matmul precision per backend; 'none' defers to the global setting.
+    return [b for b in (getattr(torch.backends.cuda, 'matmul', None), getattr(torch.backends.mkldnn, 'matmul', None))
+            if hasattr(b, 'fp32_precision')]
+
+
+@contextmanager
+def ieee_fp32_matmul():
+    """Float32 matrix products in IEEE float32 inside the block, whatever the user chose globally
+    (``torch.set_float32_matmul_precision('high'/'medium')``, TF32 on NVIDIA GPUs, bf16 on oneDNN CPUs):
+    |a|^2 - 2 a.b + |b|^2 cancels, and a TF32 or bf16 product of a.b leaves errors of 1e-3 relative.
+
+    The setting is process-wide: matmuls of other threads that run meanwhile are exact too. Restored on
+    exit, also after an exception. A no-op while torch.compile or torch.export traces (the setting in force
+    when the compiled program runs applies there).
+    """
+    if _is_compiling():
+        yield
+        return
+    backends = _fp32_backends()
+    if backends:
+        saved = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = 'ieee'
+            yield
+        finally:
+            for b, v in zip(backends, saved):
+                b.fp32_precision = v
+        return
+    saved = torch.get_float32_matmul_precision()  # torch < 2.9
+    try:
+        torch.set_float32_matmul_precision('highest')
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, 'is_compiling', None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling()) or torch.jit.is_tracing()
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     # Half-precision kernels overflow (|d|^-3) or lose the cancellation in |a|^2 - 2ab + |b|^2.
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -159,34 +260,86 @@ def pide_kernel(
         n: int = 2,
         lam: float = 1.0,
         kernel: str = 'dot',
+        embed_scale: float = 1.0,
 ) -> Tensor:
     """The dense kernel (B, N, M): lam times the operator's constant times omega(theta_i, phi_j).
 
     For ``'diffusion'`` omega is the dot product (``kernel='dot'``) or its exponential
     (``'gaussian'``); for the other operators it is |theta_i - phi_j|^-(n+2s), |.|^-(n-2s) or
-    -2 log|.| - gamma, and exactly zero where theta_i and phi_j coincide.
-    Computed in float32 (float64 if an input is float64), whatever the autocast state.
+    -2 log|.| - gamma, and exactly zero where theta_i and phi_j coincide. ``embed_scale`` sigma evaluates
+    the kernel at theta / sigma, phi / sigma (see :func:`width_scale`); 1 is the paper's kernel.
+    Computed in float32 (float64 if an input is float64) with IEEE float32 matrix products, whatever the
+    autocast state and the global matmul precision.
     """
-    operator = resolve_operator(operator)
-    s = check_s(operator, s, n)
+    operator, s = check_kernel_args(operator, s, n, kernel, embed_scale)
+    return evaluate_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel, embed_scale=embed_scale)
+
+
+def evaluate_kernel(theta: Tensor, phi: Tensor, *, operator: str, s: Optional[float], n: int, lam: float,
+                    kernel: str, embed_scale: float) -> Tensor:
+    """:func:`pide_kernel` for callers that validated its arguments (canonical operator, resolved s)."""
+    spec = _KernelSpec(operator, s, n, lam, kernel, embed_scale)
     dtype = _compute_dtype(theta, phi)
     with _autocast_off(theta):
-        theta, phi = theta.to(dtype), phi.to(dtype)
-        if operator == 'diffusion':
-            if kernel not in KERNELS:
-                raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
-            dot = torch.bmm(theta.transpose(1, 2), phi)
-            return lam * dot if kernel == 'dot' else torch.exp(lam * dot)
-        if kernel != 'dot':
-            raise ValueError(f"kernel applies to operator 'diffusion' only; got kernel={kernel!r} for {operator!r}")
-        d2, apart = _squared_distance(theta, phi)
-        c = lam * pide_constant(operator, s, n)
-        if operator == 'log':
-            values = c * (-torch.log(d2) - EULER_GAMMA)  # -2 log|d| = -log |d|^2
-        else:
-            power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
-            values = c * _inverse_power(d2, power)
-        return torch.where(apart, values, torch.zeros_like(values))
+        return _full_precision(partial(_dense_kernel, spec), theta.to(dtype), phi.to(dtype))
+
+
+def _dense_kernel(spec: '_KernelSpec', theta: Tensor, phi: Tensor) -> Tensor:
+    if not spec.distance:
+        dot = torch.bmm(theta.transpose(1, 2), phi)
+        return spec.a * dot if spec.kind == 'dot' else torch.exp(spec.lam * dot)
+    d2, apart = _squared_distance(theta, phi)
+    if spec.kind == 'log':
+        values = spec.a * (-torch.log(d2) - spec.shift)  # -2 log|d| = -log |d|^2
+    else:
+        values = spec.a * _inverse_power(d2, spec.power)
+    return torch.where(apart, values, torch.zeros_like(values))
+
+
+class _NestedGraph(torch.autograd.Function):
+    """``fn(*tensors)`` with its forward and backward run under :func:`ieee_fp32_matmul` (autograd would run
+    the backward under the user's global precision). Differentiable once."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        with torch.enable_grad(), ieee_fp32_matmul():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            out = fn(*inputs)
+        ctx.graph = (inputs, out)
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        inputs, out = ctx.graph
+        del ctx.graph
+        wanted = [t for t in inputs if t.requires_grad]
+        with ieee_fp32_matmul():
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None,) + tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def _full_precision(fn, *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)`` with IEEE float32 products in the forward and the backward pass. Where they are so
+    already (the default), or nothing needs a gradient, plain autograd (twice differentiable) runs it."""
+    if _matmul_is_ieee() or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        with ieee_fp32_matmul():
+            return fn(*tensors)
+    return _NestedGraph.apply(fn, *tensors)
+
+
+def _matmul_is_ieee() -> bool:
+    backends = _fp32_backends()
+    if backends and any(b.fp32_precision != 'none' for b in backends):
+        return all(b.fp32_precision in ('ieee', 'none') for b in backends) and _global_precision_is_highest()
+    return _global_precision_is_highest()
+
+
+def _global_precision_is_highest() -> bool:
+    try:
+        return torch.get_float32_matmul_precision() == 'highest'
+    except RuntimeError:  # legacy and per-backend settings mixed
+        return False
 
 
 def _guarded_rowsum(rowsum: Tensor) -> Tensor:
@@ -219,19 +372,27 @@ def apply_kernel(
     ``rowsum`` (B, N), the kernel's row sums, may be passed when the kernel is applied repeatedly;
     it is only computed where the operator or the normalizer needs it.
     """
-    operator = resolve_operator(operator)
-    normalizer = check_normalizer(normalizer)
+    return _apply_dense(kern, v_query, v_key, resolve_operator(operator), check_normalizer(normalizer), rowsum)
+
+
+def _apply_dense(kern: Tensor, v_query: Tensor, v_key: Tensor, operator: str, normalizer: Union[str, float],
+                 rowsum: Optional[Tensor] = None) -> Tensor:
     dtype = kern.dtype
+    tensors = (kern, v_query.to(dtype), v_key.to(dtype)) + (() if rowsum is None else (rowsum,))
     with _autocast_off(kern):
-        vq, vk = v_query.to(dtype), v_key.to(dtype)
-        agg = torch.bmm(vk, kern.transpose(1, 2))  # (B, C, N): sum_j w_ij V_j
-        if rowsum is None and (operator in ('diffusion', 'frac_laplacian') or normalizer == 'rowsum'):
-            rowsum = kern.sum(2)  # (B, N)
-        if operator == 'diffusion':
-            agg = agg - vq * rowsum.unsqueeze(1)
-        elif operator == 'frac_laplacian':
-            agg = vq * rowsum.unsqueeze(1) - agg
-        return _normalize(agg, rowsum, normalizer, kern.shape[2], kern.shape[1])
+        return _full_precision(partial(_dense_aggregate, operator, normalizer), *tensors)
+
+
+def _dense_aggregate(operator: str, normalizer: Union[str, float], kern: Tensor, vq: Tensor, vk: Tensor,
+                     rowsum: Optional[Tensor] = None) -> Tensor:
+    agg = torch.bmm(vk, kern.transpose(1, 2))  # (B, C, N): sum_j w_ij V_j
+    if rowsum is None and (operator in ('diffusion', 'frac_laplacian') or normalizer == 'rowsum'):
+        rowsum = kern.sum(2)  # (B, N)
+    if operator == 'diffusion':
+        agg = agg - vq * rowsum.unsqueeze(1)
+    elif operator == 'frac_laplacian':
+        agg = vq * rowsum.unsqueeze(1) - agg
+    return _normalize(agg, rowsum, normalizer, kern.shape[2], kern.shape[1])
 
 
 def check_normalizer(normalizer: Union[str, float, None]) -> Union[str, float]:
@@ -321,22 +482,18 @@ class _LowRankDiffusion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, phi, v_query, v_key, lam, scale, key_index):
+    def forward(ctx, theta, phi, v_query, v_key, lam, scale):
         pv, phi_sum, rowsum = _lowrank_parts(theta, phi, v_key, lam)
-        ctx.save_for_backward(theta, phi, v_query, v_key, pv, phi_sum, rowsum, key_index)
+        ctx.save_for_backward(theta, phi, v_query, v_key, pv, phi_sum, rowsum)
         ctx.lam, ctx.scale = lam, scale
         return _lowrank_combine(theta, v_query, pv, rowsum, lam, scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        theta, phi, v_query, v_key, pv, phi_sum, rowsum, key_index = ctx.saved_tensors
+        theta, phi, v_query, v_key, pv, phi_sum, rowsum = ctx.saved_tensors
         a = ctx.lam * ctx.scale
         need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
-        # With key_index the keys are entries of v_query: their gradient is added into v_query's in place,
-        # where autograd would add a zero-filled scattered copy.
-        fold_keys = key_index is not None and need_vq
-        need_vk = need_vk or fold_keys
         g_theta = g_phi = g_vq = g_vk = None
         buf = None
         if need_theta or need_phi or need_vk:
@@ -353,33 +510,23 @@ class _LowRankDiffusion(torch.autograd.Function):
             g_vq = torch.mul(grad, rowsum.mul(-ctx.scale).unsqueeze(1), out=buf)
         if need_vk:
             g_vk = torch.bmm(g_pv.transpose(1, 2), phi)
-        if fold_keys:
-            g_vq.scatter_add_(2, key_index, g_vk)
-            g_vk = None
-        return g_theta, g_phi, g_vq, g_vk, None, None, None
+        return g_theta, g_phi, g_vq, g_vk, None, None
 
 
 def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, lam: float,
-                       normalizer: Union[str, float], key_index: Optional[Tensor] = None) -> Tensor:
-    """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j.
-
-    ``key_index`` (B, C, M), if given, says that ``v_key`` is ``v_query.gather(2, key_index)`` (pooled
-    queries, without autograd history): the keys' gradient then goes to ``v_query``.
-    """
+                       normalizer: Union[str, float]) -> Tensor:
+    """sum_j lam (theta_i . phi_j)(V_j - V_i) as lam theta_i^T (Phi V^T) - V_i lam theta_i^T sum_j phi_j."""
     dtype = _compute_dtype(theta, phi, v_query, v_key)
     with _autocast_off(theta):
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk))
-        if key_index is not None and (normalizer == 'rowsum' or not needs_grad):  # no hand-written backward
-            vk, key_index = vq.gather(2, key_index), None
         m, n_query = phi.shape[2], theta.shape[2]
         if normalizer == 'rowsum':  # the normalisation depends on theta: plain autograd
             pv, _, rowsum = _lowrank_parts(theta, phi, vk, lam)
             agg = lam * torch.bmm(pv.transpose(1, 2), theta) - vq * rowsum.unsqueeze(1)
             return _normalize(agg, rowsum, normalizer, m, n_query)
         scale = 1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer)
-        if needs_grad:
-            return _LowRankDiffusion.apply(theta, phi, vq, vk, lam, scale, key_index)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
+            return _LowRankDiffusion.apply(theta, phi, vq, vk, lam, scale)
         pv, _, rowsum = _lowrank_parts(theta, phi, vk, lam)
         return _lowrank_combine(theta, vq, pv, rowsum, lam, scale)
 
@@ -394,11 +541,19 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
 # D_i = 1 and sigma = 1/normalizer, or D_i the guarded row sum with sigma = 1.
 
 class _KernelSpec:
-    """How one operator's tile is formed and differentiated: W(x) and dW/dx = b * Wd(x)."""
+    """How one operator's tile is formed and differentiated: W(x) and dW/dx = b * Wd(x).
 
-    def __init__(self, operator: str, s: Optional[float], n: int, lam: float, kernel: str):
+    ``embed_scale`` sigma is folded into the constants (kernels of theta / sigma, phi / sigma): x is
+    theta.phi / sigma^2 or |theta - phi|^2 / sigma^2, so a gains sigma^power for the power kernels, the log
+    kernel's gamma loses log sigma^2, and lam / sigma^2 multiplies the dot products.
+    """
+
+    def __init__(self, operator: str, s: Optional[float], n: int, lam: float, kernel: str,
+                 embed_scale: float = 1.0):
         self.distance = operator != 'diffusion'
+        self.shift = EULER_GAMMA - 2 * math.log(embed_scale)  # exact for embed_scale 1, as every fold here
         if operator == 'diffusion':
+            lam = lam / embed_scale ** 2
             self.kind = 'exp' if kernel == 'gaussian' else 'dot'
             self.a, self.b = (1.0, lam) if kernel == 'gaussian' else (lam, 1.0)
             self.lam = lam
@@ -407,7 +562,7 @@ class _KernelSpec:
         else:
             self.kind = 'power'
             self.power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
-            self.a, self.b = lam * pide_constant(operator, s, n), -self.power / 2
+            self.a, self.b = lam * pide_constant(operator, s, n) * embed_scale ** self.power, -self.power / 2
         self.s1, self.s2 = {'diffusion': (1.0, -1.0), 'frac_laplacian': (-1.0, 1.0)}.get(operator, (1.0, 0.0))
 
     def tile(self, theta_t: Tensor, phi: Tensor, stats: tuple[Tensor, Tensor, Tensor], rows: slice,
@@ -426,7 +581,7 @@ class _KernelSpec:
         d2.masked_fill_(coincident, 1.0)
         inv = d2.reciprocal() if derivative else None  # 1/d2, before d2 is overwritten below
         if self.kind == 'log':
-            w = d2.log_().neg_().sub_(EULER_GAMMA)
+            w = d2.log_().neg_().sub_(self.shift)
         else:
             w = _inverse_power(d2, self.power, inplace=True)
         w.masked_fill_(coincident, 0.0)
@@ -500,71 +655,76 @@ class _FusedAggregate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        theta, phi, v_query, v_key, rowsum, out = ctx.saved_tensors
-        spec, normalizer, tile = ctx.spec, ctx.normalizer, ctx.tile
-        need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
-        m, n_query = phi.shape[2], theta.shape[2]
-        q = None  # dL/dr_i
-        if normalizer == 'rowsum':
-            denom = _guarded_rowsum(rowsum)
-            g_hat = grad / denom.unsqueeze(1)
-            q = (grad * out).sum(1).div_(denom).mul_(rowsum.abs() >= _ROWSUM_EPS).neg_()
-        else:
-            g_hat = grad * (1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer))
-        if spec.s2:
-            qv = (g_hat * v_query).sum(1).mul_(spec.s2)
-            q = qv if q is None else q.add_(qv)
-        g_vq = g_hat * rowsum.mul(spec.s2).unsqueeze(1) if need_vq and spec.s2 else None
-        need_kernel_grad = need_theta or need_phi
-        g_theta = g_phi = g_vk = None
-        if not (need_kernel_grad or need_vk):
-            return g_theta, g_phi, g_vq, g_vk, None, None, None
-        stats = _distance_stats(theta, phi) if spec.distance else None
-        if need_vk:
-            g_vk = torch.zeros_like(v_key)
-        if need_theta:
-            g_theta = torch.empty_like(theta)
-        if need_phi:
-            g_phi = torch.zeros_like(phi)
-            col = phi.new_zeros(phi.shape[0], 1, m)  # sum_i S_ij
-        # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
-        scale = spec.a * spec.b * (1.0 if q is not None else spec.s1) * (2.0 if spec.distance else 1.0)
-        for start in range(0, n_query, tile):
-            rows = slice(start, start + tile)
-            theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
-            w, wd = spec.tile(theta_t, phi, stats, rows, derivative=need_kernel_grad)
-            if need_vk:
-                g_vk.baddbmm_(g_t, w, alpha=spec.a * spec.s1)
-            if not need_kernel_grad:
-                continue
-            sg = torch.bmm(g_t.transpose(1, 2), v_key)
-            if q is not None:
-                sg.mul_(spec.s1).add_(q[:, rows].unsqueeze(2))
-            if wd is not None:
-                sg.mul_(wd)
-            if need_theta:
-                if spec.distance:  # theta_i sum_j S_ij - sum_j S_ij phi_j
-                    g = torch.baddbmm(theta_t * sg.sum(2).unsqueeze(1), phi, sg.transpose(1, 2), alpha=-1)
-                else:
-                    g = torch.bmm(phi, sg.transpose(1, 2))
-                g_theta[:, :, rows] = g.mul_(scale)
-            if need_phi:
-                if spec.distance:  # phi_j sum_i S_ij - sum_i S_ij theta_i
-                    col.add_(sg.sum(1, keepdim=True))
-                    g_phi.baddbmm_(theta_t, sg, alpha=-1)
-                else:
-                    g_phi.baddbmm_(theta_t, sg)
-        if need_phi:
-            if spec.distance:
-                g_phi.addcmul_(phi, col)
-            g_phi.mul_(scale)
+        with ieee_fp32_matmul():
+            return _fused_backward(ctx, grad)
+
+
+def _fused_backward(ctx, grad) -> tuple:
+    theta, phi, v_query, v_key, rowsum, out = ctx.saved_tensors
+    spec, normalizer, tile = ctx.spec, ctx.normalizer, ctx.tile
+    need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
+    m, n_query = phi.shape[2], theta.shape[2]
+    q = None  # dL/dr_i
+    if normalizer == 'rowsum':
+        denom = _guarded_rowsum(rowsum)
+        g_hat = grad / denom.unsqueeze(1)
+        q = (grad * out).sum(1).div_(denom).mul_(rowsum.abs() >= _ROWSUM_EPS).neg_()
+    else:
+        g_hat = grad * (1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer))
+    if spec.s2:
+        qv = (g_hat * v_query).sum(1).mul_(spec.s2)
+        q = qv if q is None else q.add_(qv)
+    g_vq = g_hat * rowsum.mul(spec.s2).unsqueeze(1) if need_vq and spec.s2 else None
+    need_kernel_grad = need_theta or need_phi
+    g_theta = g_phi = g_vk = None
+    if not (need_kernel_grad or need_vk):
         return g_theta, g_phi, g_vq, g_vk, None, None, None
+    stats = _distance_stats(theta, phi) if spec.distance else None
+    if need_vk:
+        g_vk = torch.zeros_like(v_key)
+    if need_theta:
+        g_theta = torch.empty_like(theta)
+    if need_phi:
+        g_phi = torch.zeros_like(phi)
+        col = phi.new_zeros(phi.shape[0], 1, m)  # sum_i S_ij
+    # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
+    scale = spec.a * spec.b * (1.0 if q is not None else spec.s1) * (2.0 if spec.distance else 1.0)
+    for start in range(0, n_query, tile):
+        rows = slice(start, start + tile)
+        theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
+        w, wd = spec.tile(theta_t, phi, stats, rows, derivative=need_kernel_grad)
+        if need_vk:
+            g_vk.baddbmm_(g_t, w, alpha=spec.a * spec.s1)
+        if not need_kernel_grad:
+            continue
+        sg = torch.bmm(g_t.transpose(1, 2), v_key)
+        if q is not None:
+            sg.mul_(spec.s1).add_(q[:, rows].unsqueeze(2))
+        if wd is not None:
+            sg.mul_(wd)
+        if need_theta:
+            if spec.distance:  # theta_i sum_j S_ij - sum_j S_ij phi_j
+                g = torch.baddbmm(theta_t * sg.sum(2).unsqueeze(1), phi, sg.transpose(1, 2), alpha=-1)
+            else:
+                g = torch.bmm(phi, sg.transpose(1, 2))
+            g_theta[:, :, rows] = g.mul_(scale)
+        if need_phi:
+            if spec.distance:  # phi_j sum_i S_ij - sum_i S_ij theta_i
+                col.add_(sg.sum(1, keepdim=True))
+                g_phi.baddbmm_(theta_t, sg, alpha=-1)
+            else:
+                g_phi.baddbmm_(theta_t, sg)
+    if need_phi:
+        if spec.distance:
+            g_phi.addcmul_(phi, col)
+        g_phi.mul_(scale)
+    return g_theta, g_phi, g_vq, g_vk, None, None, None
 
 
 def _fused_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, spec: _KernelSpec,
                      normalizer: Union[str, float], tile: int) -> Tensor:
     dtype = _compute_dtype(theta, phi, v_query, v_key)
-    with _autocast_off(theta):
+    with _autocast_off(theta), ieee_fp32_matmul():
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
             return _FusedAggregate.apply(theta, phi, vq, vk, spec, normalizer, tile)
@@ -582,6 +742,7 @@ def nonlocal_aggregate(
         n: int = 2,
         lam: float = 1.0,
         kernel: str = 'dot',
+        embed_scale: float = 1.0,
         normalizer: Union[str, float, None] = None,
         method: str = 'auto',
         tile_size: Optional[int] = None,
@@ -599,6 +760,8 @@ def nonlocal_aggregate(
         n: dimension of the domain in the constants c_{n,s} (2 for images).
         lam: kernel scaling lambda.
         kernel: ``'dot'`` (lam theta.phi) or ``'gaussian'`` (exp(lam theta.phi)), diffusion only.
+        embed_scale: sigma > 0: the kernel is evaluated at theta / sigma and phi / sigma, folded into its
+            constants at no cost (1: the paper's kernel; :func:`width_scale` gives the width-aware one).
         normalizer: the paper's N: ``'key'`` (M, default, as the authors' code), ``'query'`` (N),
             ``'rowsum'`` (sum_j w_ij, the un-simplified form) or a positive number.
         method: ``'auto'``, ``'lowrank'``, ``'fused'`` (alias ``'tiled'``) or ``'dense'`` (see the module
@@ -607,28 +770,31 @@ def nonlocal_aggregate(
             and 2^24 on GPUs.
 
     Returns:
-        (B, C, N) aggregate, in the dtype of ``v_query`` (computed in float32 or float64).
+        (B, C, N) aggregate, in the dtype of ``v_query`` (computed in float32 or float64, with IEEE float32
+        matrix products whatever the global matmul precision).
     """
     _check_shapes(theta, phi, v_query, v_key)
-    operator = resolve_operator(operator)
-    s = check_s(operator, s, n)
-    normalizer = check_normalizer(normalizer)
-    if operator == 'diffusion' and kernel not in KERNELS:
-        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
-    if operator != 'diffusion' and kernel != 'dot':
-        raise ValueError(f"kernel applies to operator 'diffusion' only; got kernel={kernel!r} for {operator!r}")
-    method = resolve_method(method, operator, kernel)
-    out_dtype = v_query.dtype
-    b, _, n_query = theta.shape
-    m = phi.shape[2]
+    operator, s = check_kernel_args(operator, s, n, kernel, embed_scale)
+    return evaluate_aggregate(theta, phi, v_query, v_key, operator=operator, s=s, n=n, lam=lam, kernel=kernel,
+                              embed_scale=embed_scale, normalizer=check_normalizer(normalizer),
+                              method=resolve_method(method, operator, kernel), tile_size=check_tile_size(tile_size))
 
-    if method == 'lowrank':
-        out = _lowrank_diffusion(theta, phi, v_query, v_key, lam, normalizer)
+
+def evaluate_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Optional[Tensor] = None,
+                       *, operator: str, s: Optional[float], n: int, lam: float, kernel: str, embed_scale: float,
+                       normalizer: Union[str, float], method: str, tile_size: Optional[int]) -> Tensor:
+    """:func:`nonlocal_aggregate` for callers that validated its arguments (canonical operator, resolved s,
+    normalizer and method). ``kern``, a dense kernel from :func:`evaluate_kernel`, is applied as it is."""
+    if kern is not None:
+        out = _apply_dense(kern, v_query, v_key, operator, normalizer)
+    elif method == 'lowrank':
+        out = _lowrank_diffusion(theta, phi, v_query, v_key, lam / embed_scale ** 2, normalizer)
     elif method == 'dense':
-        kern = pide_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel)
-        out = apply_kernel(kern, v_query, v_key, operator=operator, normalizer=normalizer)
+        kern = evaluate_kernel(theta, phi, operator=operator, s=s, n=n, lam=lam, kernel=kernel,
+                               embed_scale=embed_scale)
+        out = _apply_dense(kern, v_query, v_key, operator, normalizer)
     else:
-        spec = _KernelSpec(operator, s, n, lam, kernel)
-        out = _fused_aggregate(theta, phi, v_query, v_key, spec, normalizer,
-                               query_tile(b, m, tile_size, theta.device))
-    return out.to(out_dtype)
+        spec = _KernelSpec(operator, s, n, lam, kernel, embed_scale)
+        tile = query_tile(theta.shape[0], phi.shape[2], tile_size, theta.device)
+        out = _fused_aggregate(theta, phi, v_query, v_key, spec, normalizer, tile)
+    return out.to(v_query.dtype)

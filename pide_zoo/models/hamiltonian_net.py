@@ -92,6 +92,8 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         nonlocal_stages: stages S of each nonlocal block (Table 2: 4).
         nonlocal_subsample: key max-pool size (default from ``img_size``: 2 at 32 px, 4 at 96 px).
         nonlocal_kwargs: further :class:`PIDEBlock` arguments (``h``, ``lam``, ``s``, ``kernel``, ``method``...).
+            The paper's networks keep its exact kernel, ``kernel_scale='paper'``, unless this sets another
+            (``'width'`` keeps the distance kernels' signal above batch norm's eps at any width).
         head_pool: average pool before the flatten head (default from ``img_size``: 2 at 32 px, 8 at 96 px).
         global_pool: ``'flatten'`` (the paper's pool + flatten), ``'avg'`` (global average) or ``''`` (none).
         drop_rate: dropout before the classifier.
@@ -149,7 +151,7 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         nl_layer = None
         if self.nonlocal_operator is not None:
             nl_layer = partial(PIDEBlock, operator=self.nonlocal_operator, stages=nonlocal_stages,
-                               subsample=subsample, **(nonlocal_kwargs or {}))
+                               subsample=subsample, **{'kernel_scale': 'paper', **(nonlocal_kwargs or {})})
 
         stem_chs = stem_chs or widths[0]
         self.stem = nn.Sequential(OrderedDict(
