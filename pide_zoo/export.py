@@ -10,7 +10,9 @@ what the network's first layer takes:
 * mmseg segmentors: the data preprocessor's output (RGB in [0, 1] minus the mean image), and they
   return the decode head's logits (``mode='tensor'``), before any resizing.
 
-The ONNX side needs the ``export`` extra (``pip install -e .[export]``: onnx, onnxscript, onnxruntime).
+Models come from :func:`pide_zoo.training.load_model` (checkpoint, timm name or mmseg config); segmentors are
+wrapped in :class:`SegmentorLogits`. The ONNX side needs the ``export`` extra (``pip install -e .[export]``:
+onnx, onnxscript, onnxruntime).
 """
 from __future__ import annotations
 
@@ -18,17 +20,19 @@ import math
 import os
 import os.path as osp
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .layers import PIDEBlock
+from .training import load_model
 
 __all__ = [
-    'MIN_OPSET', 'SegmentorLogits', 'load_classifier', 'load_segmentor', 'fix_tile_sizes', 'export_program',
-    'export_onnx',
-    'onnx_max_abs_diff', 'export_and_check', 'onnx_value_shapes',
+    'MIN_OPSET', 'SegmentorLogits', 'fix_tile_sizes', 'export_program', 'export_onnx', 'onnx_max_abs_diff',
+    'export_and_check', 'onnx_value_shapes',
+    'load_classifier', 'load_segmentor',  # deprecated, removed in 0.3
 ]
 
 MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
@@ -48,74 +52,20 @@ class SegmentorLogits(nn.Module):
 def load_classifier(model_name: Optional[str] = None, checkpoint: Optional[str] = None,
                     model_kwargs: Optional[Dict[str, Any]] = None,
                     use_ema: bool = False) -> Tuple[nn.Module, Tuple[int, int, int], bool]:
-    """A timm classifier in eval mode, its input size (C, H, W) and whether that size is fixed.
-
-    Args:
-        model_name: timm model name (a tag such as ``'nl_hamiltonian74.stl10'`` picks its cfg); may be
-            omitted for a checkpoint of ``tools/train_cls.py``, which records it.
-        checkpoint: a ``tools/train_cls.py`` checkpoint (model name, arguments and weights), or a plain
-            state dict (or a dict holding one under ``'state_dict'``/``'model'``) for ``model_name``.
-            None keeps the freshly initialised weights.
-        model_kwargs: extra ``timm.create_model`` arguments for ``model_name``.
-        use_ema: load the EMA weights of a checkpoint that has them.
-    """
-    import timm
-    from timm.models import load_checkpoint as timm_load_checkpoint
-
-    from .training import model_from_checkpoint
-
-    ckpt = None
-    if checkpoint is not None:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-        ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    if isinstance(ckpt, dict) and 'arch' in ckpt and 'model_kwargs' in ckpt:
-        if model_name is not None and model_name.split('.')[0] != ckpt['arch'].split('.')[0]:
-            raise ValueError(f"checkpoint {checkpoint!r} holds {ckpt['arch']!r}, not model {model_name!r}")
-        if model_kwargs:
-            raise ValueError(f'checkpoint {checkpoint!r} records the model arguments; drop model_kwargs')
-        model, _ = model_from_checkpoint(ckpt, use_ema=use_ema)
-    else:
-        if model_name is None:
-            raise ValueError(f'checkpoint {checkpoint!r} records no model name: give the timm model name too'
-                             if checkpoint else 'give a timm model name or a tools/train_cls.py checkpoint')
-        if not timm.is_model(model_name):
-            raise ValueError(f'{model_name!r} is not a timm model name (timm.list_models())')
-        model = timm.create_model(model_name, **(model_kwargs or {}))
-        if checkpoint is not None:
-            timm_load_checkpoint(model, checkpoint, use_ema=use_ema, strict=True)
-        model.eval()
-    cfg = model.pretrained_cfg
-    c = getattr(model, 'in_chans', cfg['input_size'][0])
-    img_size = getattr(model, 'img_size', None)  # the size a flatten head was built for, over the cfg's
-    h, w = img_size if img_size is not None else cfg['input_size'][1:]
-    return model, (int(c), int(h), int(w)), bool(cfg.get('fixed_input_size', False))
+    """Deprecated: ``(model, input size, fixed)``; use :func:`pide_zoo.training.load_model`. Removed in 0.3."""
+    warnings.warn('pide_zoo.export.load_classifier is deprecated and will be removed in pide_zoo 0.3; use '
+                  'pide_zoo.training.load_model(checkpoint, model_name)', FutureWarning, stacklevel=2)
+    model, info = load_model(checkpoint, model_name, model_kwargs, use_ema=use_ema)
+    return model, info['input_size'], info['fixed_input_size']
 
 
 def load_segmentor(config: str, checkpoint: Optional[str] = None,
                    cfg_options: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Optional[Tuple[int, int, int]]]:
-    """An mmseg segmentor from its config and checkpoint (``mmseg.apis.init_model``) as :class:`SegmentorLogits`,
-    and its input size (C, H, W) where the data preprocessor knows it (a fixed ``size`` or a mean image),
-    else None."""
-    from mmengine.config import Config
-    from mmseg.apis import init_model
-
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config file {config!r} does not exist')
-    if checkpoint is not None and not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    segmentor = init_model(cfg, checkpoint, device='cpu').eval()
-    pre = segmentor.data_preprocessor
-    size = None
-    if getattr(pre, 'size', None):
-        size = (3, *pre.size)
-    else:
-        images = [t for t in pre.state_dict().values() if t.dim() == 3]  # a per-pixel mean image (3, H, W)
-        size = tuple(images[0].shape) if images else None
-    return SegmentorLogits(segmentor).eval(), size
+    """Deprecated: ``(SegmentorLogits, input size)``; use :func:`pide_zoo.training.load_model`. Removed in 0.3."""
+    warnings.warn('pide_zoo.export.load_segmentor is deprecated and will be removed in pide_zoo 0.3; use '
+                  'SegmentorLogits(pide_zoo.training.load_model(checkpoint, config)[0])', FutureWarning, stacklevel=2)
+    segmentor, info = load_model(checkpoint, config, cfg_options=cfg_options)
+    return SegmentorLogits(segmentor).eval(), info['input_size']
 
 
 def fix_tile_sizes(model: nn.Module, example: Tensor) -> List[nn.Module]:

@@ -7,8 +7,9 @@ Keras ``l2(reg)`` with reg = 2e-4 (STL-10: 5e-4) and the weight-smoothness decay
 alpha_2 = 1e-8. Keras adds ``reg * sum(w**2)`` to the loss, whose gradient ``2 * reg * w`` is SGD
 weight decay ``2 * reg``.
 
-``tools/train_cls.py`` and ``tools/eval_cls.py`` are thin command lines over this module; the analysis
-tools rebuild models from the checkpoints written here (:func:`model_from_checkpoint`).
+``tools/train_cls.py`` and ``tools/eval_cls.py`` are thin command lines over this module. :func:`load_model` is
+the one loader of the tools and the export: a model from a checkpoint written here, from a timm name (fresh or
+with a plain state dict) or from an mmseg config (imports mmengine and mmseg only then).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,8 +35,9 @@ from .layers import smoothness_penalty
 __all__ = [
     'PAPER_SCHEDULE', 'PAPER_RECIPES', 'WD_PARAMS', 'CHECKPOINT_FORMAT', 'keras_l2_to_weight_decay',
     'weight_decay_param_groups', 'classifier_kwargs', 'epoch_seed', 'seed_epoch', 'plain', 'compute_loss',
-    'ClsCheckpointSaver', 'checkpoint_meta', 'CheckpointError', 'load_checkpoint', 'model_from_checkpoint',
-    'load_models', 'train_one_epoch', 'evaluate', 'median_summary', 'load_model', 'create_lr_scheduler',
+    'ClsCheckpointSaver', 'checkpoint_meta', 'CheckpointError', 'read_checkpoint', 'load_model', 'load_models',
+    'train_one_epoch', 'evaluate', 'median_summary', 'create_lr_scheduler',
+    'load_checkpoint', 'model_from_checkpoint',  # deprecated, removed in 0.3
 ]
 
 # Epoch-level schedule of the authors' code (timm's multistep scheduler with a one-epoch warm-up prefix).
@@ -183,17 +186,8 @@ def _read_torch_file(path: str, map_location: Any) -> Any:
                               f'({type(e).__name__}: {detail})') from None
 
 
-def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """A checkpoint written by :class:`ClsCheckpointSaver`, read with ``weights_only=True`` and checked.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is unreadable (truncated, corrupt) or another kind of checkpoint; the
-            message names the file and what is wrong.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    ckpt = _read_torch_file(path, map_location)
+def _check_checkpoint(ckpt: Any, path: str) -> Dict[str, Any]:
+    """``ckpt`` if it is a checkpoint of ``tools/train_cls.py``, else a :class:`CheckpointError` naming ``path``."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: {_NOT_OURS}: it holds a {type(ckpt).__name__}, not a dict')
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
@@ -217,20 +211,32 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(path_or_ckpt: Any, use_ema: bool = False,
-                          device: Any = 'cpu') -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model of a checkpoint (its recorded name and arguments, its weights), in eval mode, and the checkpoint.
+def _check_file(path: Any, what: str = 'checkpoint') -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f'{what} must be a file path, got {type(path).__name__}')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} {str(path)!r} does not exist')
+    return str(path)
 
-    Args:
-        path_or_ckpt: checkpoint path or an already loaded checkpoint dict.
-        use_ema: load the EMA weights (the checkpoint must have them).
-        device: where to put the model.
+
+def read_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """The entries of a checkpoint written by :class:`ClsCheckpointSaver` (``arch``, ``model_kwargs``,
+    ``dataset``, ``data_mean``, ``epoch``, ``state_dict``, ...), read with ``weights_only=True`` and checked;
+    no model is built (:func:`load_model` builds it).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is unreadable (truncated, corrupt) or another kind of checkpoint; the
+            message names the file and what is wrong.
     """
+    path = _check_file(path)
+    return _check_checkpoint(_read_torch_file(path, map_location), path)
+
+
+def _model_from_checkpoint(ckpt: Dict[str, Any], source: str, use_ema: bool) -> nn.Module:
+    """The model a checked checkpoint records, with its weights (``state_dict_ema`` with ``use_ema``)."""
     import timm
 
-    is_path = isinstance(path_or_ckpt, (str, os.PathLike))
-    ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
-    source = str(path_or_ckpt) if is_path else 'the checkpoint'
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in ckpt:
         raise CheckpointError(f'{source}: has no {key!r} (use_ema={use_ema}); it has {sorted(ckpt)}')
@@ -251,6 +257,156 @@ def model_from_checkpoint(path_or_ckpt: Any, use_ema: bool = False,
         raise CheckpointError(f"{source}: its {key} does not fit {ckpt['arch']} {ckpt['model_kwargs']}: "
                               f'{parts} weights')
     model.load_state_dict(state)
+    return model
+
+
+def _input_size(model: nn.Module) -> Tuple[Tuple[int, int, int], bool]:
+    """A timm model's input size (C, H, W) and whether the network fixes it (a flatten head)."""
+    cfg = model.pretrained_cfg
+    c = getattr(model, 'in_chans', cfg['input_size'][0])
+    img_size = getattr(model, 'img_size', None)  # the size a flatten head was built for, over the cfg's
+    h, w = img_size if img_size is not None else cfg['input_size'][1:]
+    return (int(c), int(h), int(w)), bool(cfg.get('fixed_input_size', False))
+
+
+def _load_segmentor(config: str, checkpoint: Optional[str], cfg_options: Optional[Dict[str, Any]],
+                    device: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """An mmseg segmentor (``mmseg.apis.init_model``) and its input size where the data preprocessor knows it."""
+    config = _check_file(config, 'config file')
+    if checkpoint is not None:
+        checkpoint = _check_file(checkpoint)
+    try:
+        import pide_zoo.seg  # noqa: F401  (registers the modules, allow-lists mmengine checkpoints)
+    except ImportError as e:
+        raise ImportError(f'{config}: an mmseg config needs mmsegmentation (pip install -e .[seg]): {e}') from e
+    from mmengine.config import Config
+    from mmseg.apis import init_model
+
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    segmentor = init_model(cfg, checkpoint, device=str(device)).eval()
+    pre = segmentor.data_preprocessor
+    if getattr(pre, 'size', None):
+        size = (3, *pre.size)
+    else:
+        images = [t for t in pre.state_dict().values() if t.dim() == 3]  # a per-pixel mean image (3, H, W)
+        size = tuple(int(n) for n in images[0].shape) if images else None
+    return segmentor, dict(kind='segmentor', config=config, source=checkpoint or 'initialisation',
+                           input_size=size, fixed_input_size=False)
+
+
+def load_model(checkpoint: Optional[str] = None, model: Optional[str] = None,
+               model_kwargs: Optional[Dict[str, Any]] = None, dataset: Optional[str] = None, use_ema: bool = False,
+               device: Any = 'cpu', *, cfg_options: Optional[Dict[str, Any]] = None,
+               model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A model in eval mode on ``device``, from a checkpoint, a timm model name or an mmseg config.
+
+    * ``load_model(ckpt)``: a ``tools/train_cls.py`` checkpoint, which records the model's name and arguments;
+    * ``load_model(ckpt, 'resnet44_cifar.cifar100')``: a timm model with a plain state dict (or a dict holding
+      one under ``'state_dict'``/``'model'``), or a ``tools/train_cls.py`` checkpoint of that model;
+    * ``load_model(model='nl_hamiltonian74', dataset='cifar100')``: freshly initialised weights;
+    * ``load_model(ckpt, 'configs/x.py')``: an mmseg segmentor (``mmseg.apis.init_model``; mmengine and mmseg are
+      imported only here); without ``ckpt`` its initial weights.
+
+    Args:
+        checkpoint: the checkpoint file, or None for freshly initialised weights.
+        model: a timm model name (tags such as ``'nl_hamiltonian74.stl10'`` pick the cfg) or an mmseg config
+            file (``.py``); optional for a ``tools/train_cls.py`` checkpoint.
+        model_kwargs: extra ``timm.create_model`` arguments (not for a ``tools/train_cls.py`` checkpoint, which
+            records them).
+        dataset: for a timm name: set the class count and a fixed head's image size for this dataset
+            (:func:`classifier_kwargs`); None keeps the model's cfg. Ignored for ``tools/train_cls.py``
+            checkpoints, which record theirs.
+        use_ema: the EMA weights of a checkpoint that has them.
+        device: where to put the model.
+        cfg_options: overrides of the mmseg config (``key=value`` as in ``--cfg-options``).
+        model_name: deprecated spelling of ``model``, removed in pide_zoo 0.3.
+
+    Returns:
+        The model and what is known about it: ``kind`` (``'classifier'`` or ``'segmentor'``), ``source`` (the
+        checkpoint or ``'initialisation'``), ``input_size`` (C, H, W; None for a segmentor whose data
+        preprocessor fixes none) and ``fixed_input_size``; for classifiers also ``arch``, ``model_kwargs``,
+        ``dataset``, ``epoch`` (epochs trained, None for a plain state dict), ``data_mean`` (the train split's
+        per-pixel mean, None unless the checkpoint records it) and ``args`` (the training run's arguments);
+        for segmentors ``config``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` or the config does not exist.
+        CheckpointError: the checkpoint is unreadable, not the kind expected, or does not fit the model; the
+            message names the file.
+        ValueError: the arguments do not fit together (e.g. a checkpoint of another model).
+    """
+    import timm
+
+    if model_name is not None:
+        if model is not None:
+            raise ValueError('give model, not both model and model_name (its deprecated spelling)')
+        warnings.warn('load_model(model_name=...) is deprecated and will be removed in pide_zoo 0.3; '
+                      'use load_model(model=...)', FutureWarning, stacklevel=2)
+        model = model_name
+    if checkpoint is None and model is None:
+        raise ValueError('give a checkpoint, a model (timm name or mmseg config) or both')
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f'model must be a timm model name or an mmseg config path, got {type(model).__name__}')
+    if model is not None and model.endswith('.py'):
+        if model_kwargs or dataset is not None or use_ema:
+            raise ValueError('model_kwargs, dataset and use_ema apply to timm models; change an mmseg config '
+                             'through cfg_options')
+        return _load_segmentor(model, checkpoint, cfg_options, device)
+    if cfg_options:
+        raise ValueError(f'cfg_options apply to mmseg configs; {model!r} is taken as a timm model name')
+    if model is not None and not timm.is_model(model):
+        raise ValueError(f'{model!r} is not a timm model name (timm.list_models()) nor an mmseg config (.py)')
+
+    ckpt = None
+    if checkpoint is not None:
+        path = _check_file(checkpoint)
+        ckpt = _read_torch_file(path, 'cpu')
+    if ckpt is not None and (model is None or isinstance(ckpt, dict) and 'arch' in ckpt and 'model_kwargs' in ckpt):
+        if model is not None and model.split('.')[0] != str(ckpt['arch']).split('.')[0]:
+            raise ValueError(f"checkpoint {path!r} holds {ckpt['arch']!r}, not model {model!r}")
+        ckpt = _check_checkpoint(ckpt, path)
+        if model_kwargs:
+            raise ValueError(f'checkpoint {path!r} records the model arguments; drop model_kwargs')
+        net = _model_from_checkpoint(ckpt, path, use_ema)
+        info = dict(kind='classifier', arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
+                    epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=path, args=ckpt.get('args', {}))
+    else:
+        kwargs = classifier_kwargs(model, dataset, model_kwargs) if dataset is not None else dict(model_kwargs or {})
+        net = timm.create_model(model, **kwargs)
+        info = dict(kind='classifier', arch=model, model_kwargs=plain(kwargs), dataset=dataset, epoch=0,
+                    data_mean=None, source='initialisation', args={})
+        if ckpt is not None:  # a plain state dict: timm's loader finds it (state_dict / model / EMA keys)
+            from timm.models import load_checkpoint as timm_load_checkpoint
+
+            try:
+                timm_load_checkpoint(net, path, use_ema=use_ema, strict=True)
+            except (RuntimeError, KeyError, TypeError, AttributeError) as e:  # load_state_dict's page, in a line
+                detail = ' '.join(str(e).split())[:300]
+                raise CheckpointError(f'{path}: its weights do not fit {model} {plain(kwargs)}: '
+                                      f'{type(e).__name__}: {detail}') from None
+            info.update(epoch=None, source=path)
+    info['input_size'], info['fixed_input_size'] = _input_size(net)
+    return net.to(device).eval(), info
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Deprecated alias of :func:`read_checkpoint` (it shadowed timm's ``load_checkpoint``); removed in 0.3."""
+    warnings.warn('pide_zoo.training.load_checkpoint is deprecated and will be removed in pide_zoo 0.3; use '
+                  'read_checkpoint (the entries) or load_model (the model)', FutureWarning, stacklevel=2)
+    return read_checkpoint(path, map_location)
+
+
+def model_from_checkpoint(path_or_ckpt: Any, use_ema: bool = False,
+                          device: Any = 'cpu') -> Tuple[nn.Module, Dict[str, Any]]:
+    """Deprecated: ``(model, checkpoint entries)``; use :func:`load_model` (and :func:`read_checkpoint`).
+    Removed in pide_zoo 0.3."""
+    warnings.warn('pide_zoo.training.model_from_checkpoint is deprecated and will be removed in pide_zoo 0.3; use '
+                  'load_model(checkpoint) (and read_checkpoint for the entries)', FutureWarning, stacklevel=2)
+    is_path = isinstance(path_or_ckpt, (str, os.PathLike))
+    ckpt = read_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
+    model = _model_from_checkpoint(ckpt, str(path_or_ckpt) if is_path else 'the checkpoint', use_ema)
     return model.to(device).eval(), ckpt
 
 
@@ -367,33 +523,6 @@ def median_summary(results: Sequence[Dict[str, float]], keys: Sequence[str] = ('
         out[k] = dict(median=statistics.median(values), mean=statistics.fmean(values),
                       std=statistics.stdev(values) if len(values) > 1 else 0.0, min=min(values), max=max(values))
     return out
-
-
-def load_model(checkpoint: Optional[str] = None, model_name: Optional[str] = None,
-               model_kwargs: Optional[Dict[str, Any]] = None, dataset: str = 'digits', use_ema: bool = False,
-               device: Any = 'cpu') -> Tuple[nn.Module, Dict[str, Any]]:
-    """A trained model from ``checkpoint``, or a freshly initialised ``model_name`` for ``dataset``, in eval mode.
-
-    Returns the model and what is known about it: ``arch``, ``model_kwargs``, ``dataset``, ``epoch``
-    (epochs trained), ``data_mean`` (None for a fresh model: compute it from the train split), ``source`` and
-    ``args`` (the training run's arguments; empty for a fresh model).
-
-    Raises:
-        CheckpointError: ``checkpoint`` is unreadable or not a checkpoint of ``tools/train_cls.py``.
-    """
-    import timm
-
-    if (checkpoint is None) == (model_name is None):
-        raise ValueError('give exactly one of checkpoint and model_name')
-    if checkpoint is not None:
-        model, ckpt = model_from_checkpoint(checkpoint, use_ema=use_ema, device=device)
-        return model, dict(arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
-                           epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=str(checkpoint),
-                           args=ckpt.get('args', {}))
-    kwargs = classifier_kwargs(model_name, dataset, model_kwargs)
-    model = timm.create_model(model_name, **kwargs).to(device).eval()
-    return model, dict(arch=model_name, model_kwargs=plain(kwargs), dataset=dataset, epoch=0, data_mean=None,
-                       source='initialisation', args={})
 
 
 def load_models(paths: Sequence[str], use_ema: bool = False,

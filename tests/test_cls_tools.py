@@ -27,14 +27,17 @@ from pide_zoo.data.classification import (
 )
 from pide_zoo.layers import smoothness_penalty
 from pide_zoo.training import (
+    CHECKPOINT_FORMAT,
     PAPER_RECIPES,
+    CheckpointError,
+    checkpoint_meta,
     classifier_kwargs,
     compute_loss,
     create_lr_scheduler,
     keras_l2_to_weight_decay,
-    load_checkpoint,
+    load_model,
     median_summary,
-    model_from_checkpoint,
+    read_checkpoint,
     weight_decay_param_groups,
 )
 
@@ -298,6 +301,97 @@ def test_missing_dataset_path_is_a_clear_error(tmp_path):
     assert 'Traceback' not in out.stderr
 
 
+# --- one loader: load_model -----------------------------------------------------------------------------------
+SMALL = dict(num_classes=10, img_size=32, depths=(1, 1, 1), widths=(8, 8, 8))
+
+
+def _cls_checkpoint(path, ema=False):
+    """What tools/train_cls.py writes, for a small hamiltonian74 after 4 epochs; returns the model."""
+    torch.manual_seed(0)
+    model = timm.create_model('hamiltonian74', **SMALL)
+    state = dict(checkpoint_meta('hamiltonian74', SMALL, 'cifar10', torch.full((3, 32, 32), 0.5)),
+                 format=CHECKPOINT_FORMAT, epoch=3, state_dict=model.state_dict())
+    if ema:
+        state['state_dict_ema'] = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, path)
+    return model
+
+
+def _same_weights(a, b):
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_load_model_from_a_train_cls_checkpoint(tmp_path):
+    path = str(tmp_path / 'last.pth.tar')
+    saved = _cls_checkpoint(path, ema=True)
+    model, info = load_model(path)
+    assert _same_weights(model, saved) and not model.training
+    assert {k: info[k] for k in ('kind', 'arch', 'dataset', 'epoch', 'source', 'input_size', 'fixed_input_size')} == \
+        dict(kind='classifier', arch='hamiltonian74', dataset='cifar10', epoch=4, source=path, input_size=(3, 32, 32),
+             fixed_input_size=True)
+    assert info['model_kwargs'] == SMALL and torch.equal(info['data_mean'], torch.full((3, 32, 32), 0.5))
+    ema, _ = load_model(path, 'hamiltonian74', use_ema=True)  # naming the model it holds is fine
+    assert all(torch.equal(v, saved.state_dict()[k] + (1 if v.is_floating_point() else 0))
+               for k, v in ema.state_dict().items())
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' holds 'hamiltonian74', not model 'resnet44_cifar'"):
+        load_model(path, 'resnet44_cifar')
+    with pytest.raises(ValueError, match='records the model arguments; drop model_kwargs'):
+        load_model(path, 'hamiltonian74', dict(num_classes=3))
+
+
+def test_load_model_from_a_name_with_or_without_a_state_dict(tmp_path):
+    torch.manual_seed(1)
+    resnet = timm.create_model('resnet44_cifar', num_classes=100)
+    path = str(tmp_path / 'r44.pth')
+    torch.save(resnet.state_dict(), path)
+    model, info = load_model(path, 'resnet44_cifar', dict(num_classes=100))
+    assert _same_weights(model, resnet) and not model.training
+    assert info['epoch'] is None and info['source'] == path and info['data_mean'] is None
+    assert info['input_size'] == (3, 32, 32) and info['fixed_input_size'] is False
+    with pytest.raises(CheckpointError, match=f'^{path}: its weights do not fit resnet44_cifar'):
+        load_model(path, 'resnet44_cifar')  # 10 classes: the classifier's shape differs
+    fresh, info = load_model(model='hamiltonian74', dataset='cifar100')
+    assert fresh.fc.out_features == 100 and info['source'] == 'initialisation' and info['epoch'] == 0
+    assert load_model(model='hamiltonian74')[0].fc.out_features == 10  # no dataset: the model's cfg
+
+
+def test_load_model_says_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match='give a checkpoint, a model'):
+        load_model()
+    with pytest.raises(ValueError, match="'no_such_net' is not a timm model name"):
+        load_model(model='no_such_net')
+    with pytest.raises(FileNotFoundError, match='none.pth'):
+        load_model(str(tmp_path / 'none.pth'))
+    with pytest.raises(ValueError, match='cfg_options apply to mmseg configs'):
+        load_model(model='hamiltonian74', cfg_options={'model.x': 1})
+    path = str(tmp_path / 'last.pth.tar')
+    _cls_checkpoint(path)
+    with pytest.raises(CheckpointError, match=f"^{path}: has no 'state_dict_ema'"):
+        load_model(path, use_ema=True)
+
+
+def test_deprecated_loaders_warn_and_match_load_model(tmp_path):
+    from pide_zoo import export, training
+
+    path = str(tmp_path / 'last.pth.tar')
+    _cls_checkpoint(path)
+    want = load_model(path)[0].state_dict()
+    calls = {
+        'load_checkpoint': lambda: training.load_checkpoint(path)['state_dict'],
+        'model_from_checkpoint': lambda: training.model_from_checkpoint(path)[0].state_dict(),
+        'load_classifier': lambda: export.load_classifier(None, path)[0].state_dict(),
+    }
+    for old, call in calls.items():
+        with pytest.warns(FutureWarning, match=rf'{old} is deprecated and will be removed in pide_zoo 0\.3; use '):
+            state = call()
+        assert state.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in state.items()), old
+    with pytest.warns(FutureWarning):
+        assert export.load_classifier(None, path)[1:] == ((3, 32, 32), True)
+    with pytest.warns(FutureWarning, match=r'model_name=\.\.\.\) is deprecated .* use load_model\(model=\.\.\.\)'):
+        assert load_model(model_name='hamiltonian74', dataset='cifar100')[0].fc.out_features == 100
+
+
 # --- end to end ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_train_checkpoint_resume_evaluate(tmp_path):
@@ -311,7 +405,7 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
     assert 'epoch 2/2' in out.stderr and 'epoch 1/2' not in out.stderr
 
     a = torch.load(tmp_path / 'a' / 'last.pth.tar', weights_only=True)  # plain data only
-    b = load_checkpoint(str(tmp_path / 'b' / 'last.pth.tar'))
+    b = read_checkpoint(str(tmp_path / 'b' / 'last.pth.tar'))
     assert a['arch'] == 'hamiltonian74' and a['epoch'] == b['epoch'] == 1
     assert a['model_kwargs'] == dict(num_classes=10, img_size=32, depths=(2, 1, 1), widths=(8, 8, 16))
     for key in ('state_dict', 'state_dict_ema'):  # the resumed run continued exactly
@@ -343,8 +437,9 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
     result = json.loads((tmp_path / 'eval.json').read_text())
     assert [r['top1'] for r in result['results']] == [summary['top1']] * 2
     assert result['summary']['top1']['median'] == summary['top1'] and 'median over 2' in out.stdout
-    model, _ = model_from_checkpoint(str(tmp_path / 'a' / 'last.pth.tar'), use_ema=True)
-    assert not model.training and model.fc.out_features == 10
+    model, info = load_model(str(tmp_path / 'a' / 'last.pth.tar'), use_ema=True)
+    assert not model.training and model.fc.out_features == 10 and info['epoch'] == 2
+    assert all(torch.equal(v, a['state_dict_ema'][k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.slow

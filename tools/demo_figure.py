@@ -58,10 +58,13 @@ def main() -> int:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from mmcv import imread
-    from mmseg.apis import inference_model, init_model
+    from mmseg.apis import inference_model
     from mmseg.registry import DATASETS
 
-    models = [init_model(cfg, ckpt, device=args.device) for cfg, ckpt in zip((LOCAL_CONFIG, NONLOCAL_CONFIG), ckpts)]
+    from pide_zoo.training import load_model
+
+    configs = (LOCAL_CONFIG, NONLOCAL_CONFIG)
+    models = [load_model(ckpt, cfg, device=args.device)[0] for cfg, ckpt in zip(configs, ckpts)]
     dataset_cfg = models[1].cfg.val_dataloader.dataset.copy()
     dataset_cfg.pipeline = []
     if args.data_root is not None:

@@ -62,25 +62,25 @@ def main(argv=None) -> dict:
         loaded = load_models(paths, use_ema=args.use_ema, device=device)
     except CheckpointError as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
-    for path, (model, ckpt) in zip(paths, loaded):
-        dataset = args.dataset or ckpt['dataset']
-        if DATASETS[dataset].num_classes != ckpt['model_kwargs'].get('num_classes', DATASETS[dataset].num_classes):
-            parser.error(f"{path} classifies {ckpt['model_kwargs']['num_classes']} classes, {dataset} has "
+    for path, (model, meta) in zip(paths, loaded):
+        dataset = args.dataset or meta['dataset']
+        if DATASETS[dataset].num_classes != meta['model_kwargs'].get('num_classes', DATASETS[dataset].num_classes):
+            parser.error(f"{path} classifies {meta['model_kwargs']['num_classes']} classes, {dataset} has "
                          f'{DATASETS[dataset].num_classes}')
-        key = (dataset, ckpt['data_mean'].numpy().tobytes())
+        key = (dataset, meta['data_mean'].numpy().tobytes())
         if key not in datasets:  # runs with the same data share one copy
             try:
                 datasets[key] = build_dataset(dataset, args.split, args.data_dir, download=args.download,
-                                              mean=ckpt['data_mean'], augment=False)
+                                              mean=meta['data_mean'], augment=False)
             except (DatasetNotFoundError, DatasetCorruptError) as e:
                 parser.exit(2, f'{parser.prog}: error: {e}\n')
         loader = DataLoader(datasets[key], batch_size=args.batch_size, num_workers=args.workers)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         metrics = evaluate(model, loader, device, channels_last=args.channels_last)
-        results.append(dict(checkpoint=path, model=ckpt['arch'], dataset=dataset, split=args.split,
-                            epoch=ckpt['epoch'], seed=ckpt['args'].get('seed'), **metrics))
-        print(f"{path}: {ckpt['arch']} {dataset}/{args.split} epoch {ckpt['epoch']}: "
+        results.append(dict(checkpoint=path, model=meta['arch'], dataset=dataset, split=args.split,
+                            epoch=meta['epoch'], seed=meta['args'].get('seed'), **metrics))
+        print(f"{path}: {meta['arch']} {dataset}/{args.split} epoch {meta['epoch']}: "
               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({metrics['count']} images)", flush=True)
     summary = median_summary(results)
     print(f"median over {summary['runs']} checkpoint(s): top1 {summary['top1']['median']:.2f} "

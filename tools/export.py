@@ -15,10 +15,21 @@ import json
 import os.path as osp
 import sys
 
-from mmengine.config import DictAction
 from timm.utils import ParseKwargs
 
-from pide_zoo.export import MIN_OPSET, export_and_check, load_classifier, load_segmentor
+from pide_zoo.export import MIN_OPSET, SegmentorLogits, export_and_check
+from pide_zoo.training import load_model
+
+
+class _CfgOptions(argparse.Action):
+    """mmengine's ``DictAction`` (key=value with lists and tuples), imported only when the option is used."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            from mmengine.config import DictAction
+        except ImportError:
+            parser.error(f'{option_string} needs mmengine (pip install -e .[seg])')
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra timm.create_model arguments for a plain state dict, e.g. num_classes=100')
     p.add_argument('--use-ema', action='store_true', help='export the EMA weights of a train_cls.py checkpoint')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='mmseg config overrides, key=value')
+    p.add_argument('--cfg-options', nargs='+', action=_CfgOptions, help='mmseg config overrides, key=value')
     p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help="traced input size (default: the model's cfg, or the segmentor's data preprocessor)")
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 3], help='checked batch sizes (default: 1 3)')
@@ -51,20 +62,25 @@ def main(argv=None) -> int:
         parser.error(f'--atol must be >= 0, got {args.atol}')
     if args.input_size is not None and min(args.input_size) < 1:
         parser.error(f'--input-size must be positive, got {args.input_size}')
+    segmentor = args.model.endswith('.py')
+    if segmentor and (args.model_kwargs or args.use_ema):
+        parser.error('--model-kwargs and --use-ema apply to timm models; change a config with --cfg-options')
+    if not segmentor and args.cfg_options:
+        parser.error('--cfg-options applies to mmseg configs (.py)')
     try:
-        if args.model.endswith('.py'):
-            name = osp.splitext(osp.basename(args.model))[0]
-            model, size = load_segmentor(args.model, args.checkpoint, args.cfg_options)
-            fixed = False
-            size = tuple(args.input_size) if args.input_size else size
-            if size is None:
-                parser.error(f'{args.model}: the data preprocessor fixes no input size; give --input-size C H W')
-        else:
-            name = args.model.replace('.', '-')
-            model, size, fixed = load_classifier(args.model, args.checkpoint, args.model_kwargs, args.use_ema)
-            size = tuple(args.input_size) if args.input_size else size
-    except (FileNotFoundError, ValueError) as e:
+        model, info = load_model(args.checkpoint, args.model, args.model_kwargs or None, use_ema=args.use_ema,
+                                 cfg_options=args.cfg_options)
+    except (FileNotFoundError, ImportError, ValueError) as e:
         parser.error(str(e))
+    if segmentor:
+        name = osp.splitext(osp.basename(args.model))[0]
+        model = SegmentorLogits(model).eval()
+    else:
+        name = args.model.replace('.', '-')
+    fixed = info['fixed_input_size']
+    size = tuple(args.input_size) if args.input_size else info['input_size']
+    if size is None:
+        parser.error(f'{args.model}: the data preprocessor fixes no input size; give --input-size C H W')
     output = args.output or osp.join('output', 'export', name)
     print(f'exporting {args.model} ({args.checkpoint or "freshly initialised weights"}), input (batch, {size[0]}, '
           f'{size[1]}, {size[2]}) -> {output}', flush=True)

@@ -53,8 +53,8 @@ from pide_zoo.training import (
     create_lr_scheduler,
     evaluate,
     keras_l2_to_weight_decay,
-    load_checkpoint,
     plain,
+    read_checkpoint,
     seed_epoch,
     train_one_epoch,
     weight_decay_param_groups,
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     start_epoch = 0
     if args.resume:
         try:
-            ckpt = load_checkpoint(args.resume)
+            ckpt = read_checkpoint(args.resume)
         except (CheckpointError, FileNotFoundError) as e:
             parser.exit(2, f'{parser.prog}: error: --resume {e}\n')
         if ckpt['arch'] != args.model or ckpt['model_kwargs'] != plain(model_kwargs):
