@@ -166,17 +166,25 @@ def test_head_equals_its_composition_in_values_and_gradients(operator, concat_in
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason='frac_laplacian at R-50-D8 width: the aggregate (std ~7e-7) is far below '
-                                        "BN's eps, so K_1 gets gradients ~1e-13 (lam=0.1, 256-dim embeddings)")
-def test_frac_block_stage_one_learns_at_r50_width():
-    torch.manual_seed(0)
-    head = PIDEHead(in_channels=64, channels=512, num_classes=19, operator='frac_laplacian', norm_cfg=dict(type='BN'))
-    head([torch.randn(2, 64, 8, 8)]).square().mean().backward()
-    diffusion = PIDEHead(in_channels=64, channels=512, num_classes=19, norm_cfg=dict(type='BN'))
-    diffusion([torch.randn(2, 64, 8, 8)]).square().mean().backward()
-    # the diffusion head's K_1 gradient at the same width, for scale
-    assert diffusion.pide_block.convs[0].weight.grad.abs().max() > 1e-7
-    assert head.pide_block.convs[0].weight.grad.abs().max() > 1e-7
+def _relative_grad(conv):
+    return float(conv.weight.grad.norm() / conv.weight.norm())
+
+
+def test_frac_head_learns_at_r50_width():
+    """R-50-D8 width (2048 -> 512 channels, 256-dim embeddings): the paper's fractional Laplacian kernel puts the
+    aggregate far below BN's eps (K_1 relative gradient ~1e-8); the default width scale keeps it within 100x of
+    the diffusion head's."""
+    x = torch.randn(2, 2048, 16, 16, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for operator, scale in (('diffusion', 'width'), ('frac_laplacian', 'width'), ('frac_laplacian', 'paper')):
+        torch.manual_seed(0)
+        head = PIDEHead(in_channels=2048, channels=512, num_classes=19, operator=operator, kernel_scale=scale,
+                        norm_cfg=dict(type='BN'))
+        head([x]).square().mean().backward()
+        grads[operator, scale] = _relative_grad(head.pide_block.convs[0])
+    diffusion = grads['diffusion', 'width']
+    assert diffusion / 100 < grads['frac_laplacian', 'width'] < diffusion * 100, grads
+    assert grads['frac_laplacian', 'paper'] < diffusion / 1000, grads  # what the width scale fixes
 
 
 def test_head_picks_its_input_by_in_index():
@@ -192,6 +200,8 @@ def test_head_picks_its_input_by_in_index():
           symmetric=True, phi=None, normalizer='rowsum', method='dense', tile_size=16)),
     (dict(operator='diffusion', kernel='gaussian', normalizer=2.0, subsample=1, tile_size=8),
      dict(operator='diffusion', s=None, kernel='gaussian', normalizer=2.0, subsample=1, tile_size=8)),
+    (dict(operator='log', kernel_scale='paper'), dict(operator='log', kernel_scale='paper', embed_scale=1.0)),
+    (dict(operator='log', kernel_scale=3.0), dict(operator='log', kernel_scale=3.0, embed_scale=3.0)),
 ])
 def test_every_block_argument_passes_through(block_args, want):
     block = PIDEHead(in_channels=8, channels=8, num_classes=2, **block_args).pide_block
@@ -204,7 +214,7 @@ def test_head_defaults_are_the_block_defaults():
     block = inspect.signature(PIDEBlock).parameters
     own = [p for p in inspect.signature(PIDEHead).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert [p.name for p in own] == ['operator', 's', 'n', 'stages', 'h', 'lam', 'embed_ratio', 'subsample',
-                                     'kernel', 'symmetric', 'normalizer', 'method', 'tile_size']
+                                     'kernel', 'symmetric', 'normalizer', 'method', 'tile_size', 'kernel_scale']
     assert {p.name: p.default for p in own} == {p.name: block[p.name].default for p in own}
 
 

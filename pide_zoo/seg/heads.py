@@ -46,6 +46,8 @@ class PIDEHead(FCNHead):
         normalizer: ``'key'`` (None), ``'query'``, ``'rowsum'`` or a number.
         method: evaluation path of the aggregate (``'auto'``; see :class:`PIDEBlock`).
         tile_size: query positions per tile of the tiled (fused) path.
+        kernel_scale: ``'width'`` (the kernel's argument per embedding width, so every operator learns at
+            any ``channels``), ``'paper'`` (the paper's exact kernel) or a number (see :class:`PIDEBlock`).
         **kwargs: :class:`~mmseg.models.decode_heads.FCNHead` arguments (``in_channels``, ``channels``,
             ``num_classes``, ``concat_input``, ``norm_cfg``, ``act_cfg``, ...; ``num_convs`` is 2).
 
@@ -75,6 +77,7 @@ class PIDEHead(FCNHead):
             normalizer: Union[str, float, None] = None,
             method: str = 'auto',
             tile_size: Optional[int] = None,
+            kernel_scale: Union[str, float] = 'width',
             **kwargs: Any,
     ):
         super().__init__(num_convs=2, **kwargs)
@@ -84,7 +87,7 @@ class PIDEHead(FCNHead):
         self.pide_block = PIDEBlock(
             self.channels, operator=operator, s=s, n=n, stages=stages, h=h, lam=lam, embed_ratio=embed_ratio,
             subsample=subsample, kernel=kernel, symmetric=symmetric, normalizer=normalizer, method=method,
-            tile_size=tile_size, norm_layer=norm_layer, act_layer=act_layer)
+            tile_size=tile_size, kernel_scale=kernel_scale, norm_layer=norm_layer, act_layer=act_layer)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         x = self._transform_inputs(inputs)
