@@ -5,10 +5,13 @@ import os.path as osp
 import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
-from mmengine.config import Config
 
-import pide_zoo.seg  # noqa: F401  (registers the modules)
-from pide_zoo.flops import module_flop_analysis
+pytest.importorskip('mmseg', reason='mmseg configs need the seg extra: pip install -e .[seg]')
+
+from mmengine.config import Config  # noqa: E402
+
+import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
+from pide_zoo.flops import module_flop_analysis  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FCN = 'mmseg::fcn/fcn_r50-d8_4xb2-40k_cityscapes-512x1024.py'

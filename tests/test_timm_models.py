@@ -1,3 +1,5 @@
+import importlib.util
+import os.path as osp
 from functools import partial
 
 import pytest
@@ -9,6 +11,8 @@ from torch import nn
 import pide_zoo
 from pide_zoo.layers import PIDEBlock, smoothness_penalty
 from pide_zoo.models import HamiltonianNet, insert_pide_blocks
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 OURS = ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac',
         'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage', 'resnet44_cifar', 'preresnet20_cifar']
@@ -216,10 +220,35 @@ def test_bad_input(call, match):
         call()
 
 
-def test_import_is_light():
+def _fresh_python(code, **env):
+    import os
     import subprocess
     import sys
-    code = 'import sys, pide_zoo; print(any(m.startswith("mmseg") for m in sys.modules))'
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == 'False'
-    assert pide_zoo.__version__
+
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', COLUMNS='1000', **env))
+
+
+_LOADED = 'import sys; print(sorted({m.split(".")[0] for m in sys.modules} & {"mmengine", "mmseg", "mmcv"}))'
+
+
+def test_import_is_light():
+    """``import pide_zoo`` (and its training and export helpers) need torch and timm, no OpenMMLab package."""
+    out = _fresh_python('import pide_zoo, pide_zoo.training, pide_zoo.export; ' + _LOADED)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '[]'
+    assert pide_zoo.__version__ == '0.2.0'
+    if importlib.util.find_spec('mmseg') is not None:  # the check sees them where they are imported
+        out = _fresh_python('import pide_zoo.seg; ' + _LOADED)
+        assert out.stdout.strip() == "['mmcv', 'mmengine', 'mmseg']", out.stderr[-2000:]
+
+
+def test_timm_suite_without_its_cache_skips_or_fails_in_ci(tmp_path):
+    """Without timm's cached tests the suite is one skip saying why, and an error where CI=true."""
+    cmd = ('import sys, pytest; sys.exit(pytest.main(["-q", "-rs", "-p", "no:cacheprovider", "tests/timm_suite"]))')
+    local = _fresh_python(cmd, PIDE_ZOO_CACHE=str(tmp_path), CI='')
+    assert local.returncode in (0, 5) and '1 skipped' in local.stdout, local.stdout[-2000:]  # 5: no test ran
+    assert f"timm's own tests not found: {tmp_path}" in local.stdout and 'tools/install.sh' in local.stdout
+    ci = _fresh_python(cmd, PIDE_ZOO_CACHE=str(tmp_path), CI='true')
+    assert ci.returncode in (1, 2), ci.stdout[-2000:]  # a collection error
+    assert '1 error' in ci.stdout and f"CI=true: timm's own tests not found: {tmp_path}" in ci.stdout

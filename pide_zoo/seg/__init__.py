@@ -8,7 +8,11 @@ weight-smoothness loss), the data preprocessor ``PixelMeanSegDataPreProcessor`` 
 ``BDD100KPaperDataset`` and ``LongRangeDemoDataset`` and the transform ``VoidAsClass``. The paper's
 baselines run through mmseg's ``TIMMBackbone`` with the timm models ``resnet44_cifar`` and
 ``preresnet20_cifar``.
+
+Importing it also allow-lists the types in mmengine checkpoints for ``torch.load(weights_only=True)``
+(:mod:`pide_zoo.seg.compat`).
 """
+from . import compat as _compat
 from .backbones import PIDEHamiltonianNet
 from .data_preprocessor import PixelMeanSegDataPreProcessor
 from .datasets import BDD100KPaperDataset, LongRangeDemoDataset, VoidAsClass
@@ -20,3 +24,5 @@ from .segmentors import PIDEEncoderDecoder
 
 __all__ = ['PIDEHamiltonianNet', 'PixelMeanSegDataPreProcessor', 'BDD100KPaperDataset', 'LongRangeDemoDataset',
            'VoidAsClass', 'PIDENeck', 'PIDEEncoderDecoder', 'PixelMeanHook', 'SoftIoUMetric', 'PIDEHead']
+
+_compat.allow_mmengine_checkpoints()

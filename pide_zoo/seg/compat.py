@@ -1,13 +1,14 @@
 """Compatibility of mmengine checkpoints with ``torch.load(weights_only=True)`` (torch >= 2.6).
 
+Applied when :mod:`pide_zoo.seg` is imported (by configs through ``custom_imports``, by tools/train.py and
+tools/test.py, by :func:`pide_zoo.training.load_model` for segmentors), so ``import pide_zoo`` needs no mmengine.
+
 mmengine writes its message hub (``HistoryBuffer`` of numpy arrays), numpy scalars and, through
 ``HistoryBuffer.__getstate__``, ``getattr`` calls into every checkpoint; torch's safe unpickler
 rejects them. Instead of switching the safety off, the exact types mmengine writes are added to
 torch's allow-list and the buffer pickles its state without the ``getattr`` calls.
 """
 from __future__ import annotations
-
-import importlib.util
 
 __all__ = ['mmengine_checkpoint_globals', 'allow_mmengine_checkpoints']
 
@@ -29,8 +30,9 @@ def _history_buffer_getstate(self) -> dict:
 
 
 def mmengine_checkpoint_globals() -> list:
-    """The non-tensor types found in mmengine checkpoints (empty when mmengine is absent)."""
+    """The non-tensor types found in mmengine checkpoints."""
     import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
 
     try:  # numpy >= 2 keeps the pickling helpers in numpy._core
         from numpy._core.multiarray import _reconstruct, scalar
@@ -43,10 +45,7 @@ def mmengine_checkpoint_globals() -> list:
         found += [type(np.dtype(t)) for t in (
             np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
             np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)]
-    if importlib.util.find_spec('mmengine') is not None:
-        from mmengine.logging.history_buffer import HistoryBuffer
-        found.append(HistoryBuffer)
-    return found
+    return found + [HistoryBuffer]
 
 
 def allow_mmengine_checkpoints() -> None:
@@ -54,10 +53,9 @@ def allow_mmengine_checkpoints() -> None:
     message hub pickle without ``getattr`` (checkpoints written before this fix still need
     ``weights_only=False``, from a trusted source only)."""
     import torch.serialization
+    from mmengine.logging.history_buffer import HistoryBuffer
 
     add = getattr(torch.serialization, 'add_safe_globals', None)
     if add is not None:  # torch < 2.4 loads everything anyway
         add(mmengine_checkpoint_globals())
-    if importlib.util.find_spec('mmengine') is not None:
-        from mmengine.logging.history_buffer import HistoryBuffer
-        HistoryBuffer.__getstate__ = _history_buffer_getstate
+    HistoryBuffer.__getstate__ = _history_buffer_getstate
