@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-command set-up: a virtual environment in .venv with torch, timm, fvcore, the OpenMMLab
-# stack (full mmcv with compiled ops, built once from source and cached), the ONNX tools and
-# pide_zoo itself, plus the installed timm version's own model tests (tests/test_models.py from its
-# source distribution, cached; the project's test suite runs them on its models).
+# stack (full mmcv with compiled ops, built once from source and cached), the ONNX tools, the docs
+# tools (MkDocs, Material, mkdocstrings) and pide_zoo itself, plus the installed timm version's own
+# model tests (tests/test_models.py from its source distribution, cached; the project's test suite
+# runs them on its models).
 #
 #   bash tools/install.sh            # create or update .venv
 #
@@ -49,7 +50,7 @@ timm_tests_dir() {
 STAMP="$VENV/.pide_zoo_install"
 FINGERPRINT="$(cat "$0" setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$FINGERPRINT" ] \
-   && "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, pide_zoo" 2>/dev/null \
+   && "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, mkdocs, mkdocstrings_handlers.python, pide_zoo" 2>/dev/null \
    && [ -f "$(timm_tests_dir)/tests/test_models.py" ]; then
   step "environment is up to date (delete $STAMP to force a reinstall)"
   exit 0
@@ -114,7 +115,7 @@ else
   "${PIP[@]}" install -q "$WHEEL"  # its pure-Python requirements (addict, yapf, ...)
 fi
 
-step "installing pide_zoo (editable) with its extras (seg, cls, export, test)"
+step "installing pide_zoo (editable) with its extras (seg, cls, export, test, docs)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[all]"
 
 TIMM_SRC="$(timm_tests_dir)"
@@ -135,7 +136,7 @@ else
 fi
 
 step "checking imports"
-"$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, pide_zoo; print('  torch', __import__('torch').__version__, '| timm', timm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| pide_zoo', pide_zoo.__version__)"
+"$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, mkdocs, mkdocstrings_handlers.python, pide_zoo; print('  torch', __import__('torch').__version__, '| timm', timm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| pide_zoo', pide_zoo.__version__)"
 
 echo "$FINGERPRINT" >"$STAMP"
 step "done: activate with 'source $VENV/bin/activate' or call $VENV/bin/python"
