@@ -1,0 +1,85 @@
+"""MkDocs hook: the tools' command-line options, from their ``--help``, generated when the site is built.
+
+A page says ``<!-- help: tools/NAME.py -->``, on a line of its own, where the options go; the hook runs
+``python tools/NAME.py --help`` (all of them in one process, before the pages are read) and puts the output there
+as a code block. Where a tool cannot
+run (say, mmseg is not installed on a docs-only build), the page says so instead and the build goes on; the test
+suite checks, in the full environment, that every marker became a usage text.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+log = logging.getLogger('mkdocs.hooks.help')
+MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>tools/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
+ROOT = Path(__file__).resolve().parents[1]
+_help: Dict[str, str] = {}
+
+
+# Runs in one child process: the tools share the imports (torch, timm, mmseg), which cost seconds each.
+_RUNNER = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for tool in sys.argv[1:]:
+    sys.argv = [tool, '--help']
+    buf = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(tool, run_name='__main__')
+        except SystemExit as e:
+            code = e.code or 0
+        except BaseException as e:
+            code = f'{type(e).__name__}: {e}'
+    out[tool] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def on_pre_build(config, **kwargs) -> None:
+    """Run every tool named by a marker with ``--help`` (in one child process)."""
+    docs = Path(config['docs_dir'])
+    tools = sorted({m['path'] for page in docs.rglob('*.md') for m in MARKER.finditer(page.read_text('utf-8'))})
+    for tool in tools:
+        if not (ROOT / tool).is_file():
+            raise FileNotFoundError(f'docs: a page asks for the --help of {tool}, which does not exist')
+    env = dict(os.environ, COLUMNS='100', PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-c', _RUNNER, *tools], cwd=ROOT, env=env, text=True,
+                            capture_output=True, timeout=300)
+    _help.clear()
+    try:
+        outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        log.info('the tools\' --help could not run here: %s', result.stderr.strip()[-300:])
+        return
+    for tool, (code, text) in outputs.items():
+        if code == 0:
+            _help[tool] = text.rstrip()
+        else:
+            log.info('%s --help failed here (%s): %s', tool, code, text.strip()[-300:])
+
+
+def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
+    """Replace each marker by its tool's ``--help`` output."""
+    def block(match: re.Match) -> str:
+        tool = match['path']
+        if tool in _help:
+            return f'```text\n$ python {tool} --help\n{_help[tool]}\n```'
+        return (f'!!! note\n    `python {tool} --help` could not run where this site was built '
+                '(its dependencies are not installed); run it in the full environment.')
+    return MARKER.sub(block, markdown)
+
+
+SPHINX_ROLE = re.compile(r':(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const):<code>(~?)([^<]*)</code>')
+
+
+def on_page_content(html: str, page, config, files, **kwargs) -> str:
+    """Docstrings written for Sphinx (``:class:`~a.B```) shown as code (``B``), not as the raw role."""
+    return SPHINX_ROLE.sub(lambda m: f'<code>{m[2].rsplit(".", 1)[-1] if m[1] else m[2]}</code>', html)
