@@ -13,9 +13,7 @@ model = dict(
         depths=(2, 2, 2),
         widths=(16, 32, 32),
         h=0.1,
-        nonlocal_after=1,  # mid-Unit, so Hamiltonian blocks combine what the nonlocal block brings
-        nonlocal_subsample=2,
-        nonlocal_cfg=dict(h=0.5)),
+        nonlocal_after=1),  # demo_longrange.py's blocks go mid-Unit: the Hamiltonian blocks use what they bring
     decode_head=dict(in_channels=32, channels=32, num_classes=4))
 custom_hooks = []  # no per-pixel mean image here
 optim_wrapper = dict(optimizer=dict(lr=0.05))

@@ -7,8 +7,7 @@ import re
 import pytest
 import timm
 import torch
-from test_cls_tools import _tool
-from test_seg import PY, _bdd_options, _run, bdd_160x90  # noqa: F401  (the tiny BDD100K folder fixture)
+from test_cls_tools import _run, _tool
 
 import pide_zoo  # noqa: F401  (registers the models)
 from pide_zoo.export import export_onnx, export_program, onnx_value_shapes
@@ -81,7 +80,8 @@ def test_classifier_export_matches_eager(name, kind, fixed, nm, tmp_path):
     else:
         torch.save(model.state_dict(), ckpt)
     out_dir = str(tmp_path / 'out')
-    log = _run([PY, 'tools/export.py', name, '--checkpoint', ckpt, '--output', out_dir])
+    out = _run(['tools/export.py', name, '--checkpoint', ckpt, '--output', out_dir])
+    log = out.stdout + out.stderr
     assert re.search(r'input \(1, 3, 32, 32\): max abs diff to eager: onnxruntime \S+', log), log
     report = json.loads(open(osp.join(out_dir, 'export.json')).read())
     assert report['passed'] and report['opset'] >= 18
@@ -122,15 +122,18 @@ def test_value_shapes_find_a_dense_kernel(tmp_path):
 
 
 @pytest.mark.slow
-def test_segmentor_export_matches_eager(bdd_160x90, tmp_path):  # noqa: F811
+def test_segmentor_export_matches_eager(tmp_path):
+    pytest.importorskip('mmseg', reason='the seg extra: pip install -e .[seg]')
     from mmseg.apis import init_model
+    from test_seg import _bdd_options, tiny_bdd_160x90
 
     cfg = 'configs/bdd100k_pide_diffusion.py'
     work, out_dir = str(tmp_path / 'work'), str(tmp_path / 'out')
-    _run([PY, 'tools/train.py', cfg, '--work-dir', work, *_bdd_options(bdd_160x90, 2)])
+    _run(['tools/train.py', cfg, '--work-dir', work, *_bdd_options(tiny_bdd_160x90(str(tmp_path / 'bdd')), 2)])
     ckpt = osp.join(work, 'iter_2.pth')
     # config and checkpoint only: the input size comes from the mean image the checkpoint holds
-    log = _run([PY, 'tools/export.py', cfg, '--checkpoint', ckpt, '--output', out_dir])
+    out = _run(['tools/export.py', cfg, '--checkpoint', ckpt, '--output', out_dir])
+    log = out.stdout + out.stderr
     assert 'input (batch, 3, 90, 160)' in log and 'ok: max abs diff' in log
     report = json.loads(open(osp.join(out_dir, 'export.json')).read())
     assert [c['shape'] for c in report['checks']] == [[1, 3, 90, 160], [3, 3, 90, 160]]

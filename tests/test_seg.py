@@ -10,13 +10,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
 
-import pide_zoo.seg  # noqa: F401  (registers the modules)
-from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample
-from pide_zoo.layers import PIDEBlock
-from pide_zoo.seg.datasets import make_longrange_sample
+pytest.importorskip('mmseg', reason='the mmseg face needs the seg extra: pip install -e .[seg]')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
+from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample  # noqa: E402
+from pide_zoo.layers import PIDEBlock  # noqa: E402
+from pide_zoo.seg.datasets import make_longrange_sample  # noqa: E402
+from pide_zoo.training import load_model  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PY = sys.executable
@@ -45,10 +49,15 @@ def test_config_parameter_counts_match_table3(config, want):
     assert abs(_count(model) - want) <= 0.01, _count(model)
 
 
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, PIDEBlock)]
+
+
 def test_config_builds_the_paper_layout():
     model = _build('bdd100k_pide_frac.py')
-    blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
-    assert len(blocks) == 3 and all(b.subsample == 3 and b.operator == 'frac_laplacian' for b in blocks)
+    blocks = _blocks(model)
+    assert len(blocks) == 3
+    assert all(b.subsample == 3 and b.stages == 2 and b.operator == 'frac_laplacian' for b in blocks)
     x = torch.randn(2, 3, 90, 160)
     feats = model.extract_feat(x)
     assert feats[0].shape == (2, 112, 90, 160)  # no pooling anywhere
@@ -96,12 +105,112 @@ def test_pide_block_as_resnet_plugin_and_neck():
         MODELS.build(dict(type='PIDENeck', in_channels=[8], indices=[1]))
 
 
+def test_configs_spell_the_block_as_block_cfg():
+    assert _blocks(_build('bdd100k_hamiltonian74.py')) == []  # no block_cfg: the local network
+    # the README's command line: a nonlocal variant of the local config through --cfg-options
+    log = _blocks(_build('bdd100k_hamiltonian74.py', **{'model.backbone.block_cfg.operator': 'log'}))
+    assert [(b.operator, b.stages, b.subsample) for b in log] == [('log', 2, 3)] * 3
+    assert _blocks(_build('demo_longrange_local.py')) == []
+    demo = _build('demo_longrange.py')
+    assert [(b.operator, b.subsample, b.h) for b in _blocks(demo)] == [('diffusion', 2, 0.5)] * 3
+    units = [s.unit for s in demo.backbone.body.stages]
+    assert all(list(u.nonlocals) == ['1'] for u in units)  # placement (nonlocal_after=1) stays outside block_cfg
+
+
+def _backbone(**kwargs):
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    return MODELS.build(dict(type='PIDEHamiltonianNet', depths=(1, 1, 1), **kwargs))
+
+
+def test_backbone_block_cfg_reaches_every_block_unchanged():
+    backbone = _backbone(block_cfg=dict(operator='inv_frac_laplacian', stages=3, subsample=2, lam=0.3, h=0.2,
+                                        method='dense'), nonlocal_units=(0, 2))
+    blocks = _blocks(backbone)
+    assert [(b.operator, b.stages, b.subsample, b.lam, b.h, b.method) for b in blocks] == \
+        [('inv_frac_laplacian', 3, 2, 0.3, 0.2, 'dense')] * 2
+    # unset keys: the paper's segmentation blocks (2 stages, keys pooled by 3, its exact kernel), the block's operator
+    assert [(b.operator, b.stages, b.subsample, b.kernel_scale) for b in _blocks(_backbone(block_cfg={}))] == \
+        [('diffusion', 2, 3, 'paper')] * 3
+    width = _blocks(_backbone(block_cfg=dict(operator='frac_laplacian', kernel_scale='width')))
+    assert [(b.operator, b.kernel_scale) for b in width] == [('frac_laplacian', 'width')] * 3
+    assert _blocks(_backbone()) == [] and _blocks(_backbone(block_cfg=None)) == []
+    with pytest.raises(TypeError, match='block_cfg must be a dict'):
+        _backbone(block_cfg='diffusion')
+    with pytest.raises(ValueError, match="block_cfg must not set 'channels'"):
+        _backbone(block_cfg=dict(channels=8))
+    with pytest.raises(TypeError, match='wave'):  # PIDEBlock's own check of an unknown argument
+        _backbone(block_cfg=dict(wave=1))
+
+
+def test_backbone_old_argument_names_still_work_with_a_warning():
+    new = _backbone(block_cfg=dict(operator='log', subsample=2, stages=3, h=0.5))
+    with pytest.warns(FutureWarning, match=r'removed in pide_zoo 0\.3') as record:
+        old = _backbone(nonlocal_operator='log', nonlocal_subsample=2, nonlocal_stages=3, nonlocal_cfg=dict(h=0.5))
+    message = str(record[0].message)
+    assert 'nonlocal_operator -> block_cfg.operator' in message and 'nonlocal_cfg -> block_cfg' in message
+    assert [(b.operator, b.subsample, b.stages, b.h) for b in _blocks(old)] == [('log', 2, 3, 0.5)] * 3
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+    with pytest.warns(FutureWarning):  # as before 0.2: the block arguments without an operator build no blocks
+        assert _blocks(_backbone(nonlocal_subsample=3)) == []
+    with pytest.raises(ValueError, match=r"old arguments \['nonlocal_stages'\]; move them into block_cfg"):
+        _backbone(block_cfg=dict(operator='log'), nonlocal_stages=4)
+
+
+def test_neck_block_cfg_is_checked():
+    from mmseg.registry import MODELS
+
+    init_default_scope('mmseg')
+    with pytest.raises(TypeError, match='PIDENeck: block_cfg must be a dict'):
+        MODELS.build(dict(type='PIDENeck', in_channels=[8], block_cfg=['log']))
+    neck = MODELS.build(dict(type='PIDENeck', in_channels=[8, 8], block_cfg=dict(operator='log', h=0.5)))
+    assert [(b.operator, b.h, b.subsample) for b in _blocks(neck)] == [('log', 0.5, 2)] * 2  # block defaults
+
+
+def test_load_model_reads_an_mmengine_checkpoint_safely_in_a_fresh_process(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    config = osp.join(ROOT, 'configs', 'demo_longrange.py')
+    model, info = load_model(None, config)
+    assert info['kind'] == 'segmentor' and info['source'] == 'initialisation' and not model.training
+    assert len(_blocks(model)) == 3 and info['input_size'] is None  # SegDataPreProcessor fixes no size
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ckpt = str(tmp_path / 'iter_1.pth')  # as mmengine's CheckpointHook writes it: with the message hub
+    hub = {'log_scalars': {'train/loss': HistoryBuffer([1.0, 0.5], [1, 1])}, 'runtime_info': {'iter': 1}}
+    torch.save(dict(meta=dict(iter=1), state_dict=state, message_hub=hub), ckpt)
+    # a fresh process that imports no pide_zoo.seg itself: load_model applies the weights-only allow-list
+    code = ('import sys; from pide_zoo.training import load_model; m, info = load_model(sys.argv[1], sys.argv[2]); '
+            'print(info["kind"], sum(float(v.double().sum()) for v in m.state_dict().values() '
+            'if v.is_floating_point()))')
+    out = subprocess.run([PY, '-c', code, ckpt, config], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kind, total = out.stdout.splitlines()[-1].split()  # after mmengine's own lines
+    assert kind == 'segmentor'
+    assert float(total) == pytest.approx(sum(float(v.double().sum()) for v in state.values()
+                                             if v.is_floating_point()), rel=1e-9)
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        load_model(str(tmp_path / 'nowhere.pth'), config)
+    with pytest.raises(ValueError, match='cfg_options'):
+        load_model(None, config, dict(depth=1))
+
+
+def test_old_compat_module_forwards_with_a_warning():
+    import pide_zoo.compat
+    import pide_zoo.seg.compat
+
+    with pytest.warns(FutureWarning, match=r'removed in pide_zoo 0\.3; use pide_zoo\.seg\.compat\.allow_mmengine'):
+        forwarded = pide_zoo.compat.allow_mmengine_checkpoints
+    assert forwarded is pide_zoo.seg.compat.allow_mmengine_checkpoints
+
+
 def test_backbone_out_indices_and_init_cfg():
     from mmseg.registry import MODELS
 
     init_default_scope('mmseg')
     backbone = MODELS.build(dict(type='PIDEHamiltonianNet', depths=(1, 1, 1), out_indices=(0, 1, 2),
-                                 nonlocal_operator='diffusion',
+                                 block_cfg=dict(operator='diffusion'),
                                  init_cfg=dict(type='Constant', val=0.5, layer='Conv2d')))
     backbone.init_weights()
     assert torch.all(backbone.body.stem.conv.weight == 0.5)
@@ -355,16 +464,20 @@ def _bdd_options(data_root, iters):
             'default_hooks.logger.interval=1']
 
 
+def tiny_bdd_160x90(root):
+    """A tiny BDD100K prepared by tools/prepare_bdd100k.py (4 train, 2 val images) in ``root``/dst."""
+    _fake_bdd100k(osp.join(root, 'src'), sizes=(('train', 4), ('val', 2)))
+    _run([PY, 'tools/prepare_bdd100k.py', '--src', osp.join(root, 'src'), '--dst', osp.join(root, 'dst')])
+    return osp.join(root, 'dst')
+
+
 @pytest.fixture(scope='module')
 def bdd_160x90(tmp_path_factory):
-    root = tmp_path_factory.mktemp('bdd')
-    _fake_bdd100k(str(root / 'src'), sizes=(('train', 4), ('val', 2)))
-    _run([PY, 'tools/prepare_bdd100k.py', '--src', str(root / 'src'), '--dst', str(root / 'dst')])
-    return str(root / 'dst')
+    return tiny_bdd_160x90(str(tmp_path_factory.mktemp('bdd')))
 
 
 def _checkpoint_mean(ckpt):
-    # mmengine checkpoints load with torch's safe unpickler once pide_zoo is imported
+    # mmengine checkpoints load with torch's safe unpickler once pide_zoo.seg is imported
     return torch.load(ckpt, weights_only=True)['state_dict']['data_preprocessor.pixel_mean'].numpy()
 
 

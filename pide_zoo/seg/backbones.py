@@ -1,7 +1,8 @@
 """The Hamiltonian network as an mmseg backbone (no pooling by default, Section 4.6 of the paper)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
@@ -15,6 +16,46 @@ __all__ = ['PIDEHamiltonianNet']
 # Usable in mmseg ResNet's plugins=[dict(cfg=dict(type='PIDEBlock', ...), position='after_conv3')].
 MODELS.register_module(module=PIDEBlock)
 
+# The paper's BDD100K blocks (Section 4.6): 2 stages, keys max-pooled by 3.
+_BLOCK_DEFAULTS = dict(stages=2, subsample=3)
+# Spellings before 0.2: the old name and the block_cfg key it became.
+_OLD_BLOCK_ARGS = dict(nonlocal_operator='operator', nonlocal_stages='stages', nonlocal_subsample='subsample')
+
+
+def _check_block_cfg(block_cfg: Optional[Mapping[str, Any]], owner: str) -> Dict[str, Any]:
+    """A copy of ``block_cfg`` (``{}`` for None), or a TypeError naming ``owner``'s argument."""
+    if block_cfg is None:
+        return {}
+    if not isinstance(block_cfg, Mapping):
+        raise TypeError(f'{owner}: block_cfg must be a dict of PIDEBlock arguments or None, '
+                        f'got {type(block_cfg).__name__}')
+    for key in ('channels', 'in_channels'):
+        if key in block_cfg:
+            raise ValueError(f'{owner}: block_cfg must not set {key!r}; the block takes the width of its input')
+    return dict(block_cfg)
+
+
+def _from_old_names(block_cfg: Optional[Mapping[str, Any]], nonlocal_cfg: Optional[Mapping[str, Any]],
+                    old: Dict[str, Any]) -> Optional[Mapping[str, Any]]:
+    """``block_cfg`` built from the pre-0.2 arguments, with a FutureWarning naming each of them."""
+    given = {k: v for k, v in old.items() if v is not None}
+    if nonlocal_cfg is not None:
+        given['nonlocal_cfg'] = nonlocal_cfg
+    if not given:
+        return block_cfg
+    new = ', '.join(f'{k} -> block_cfg.{_OLD_BLOCK_ARGS[k]}' if k in _OLD_BLOCK_ARGS else f'{k} -> block_cfg'
+                    for k in given)
+    if block_cfg is not None:
+        raise ValueError(f'PIDEHamiltonianNet: got block_cfg and the old arguments {sorted(given)}; '
+                         f'move them into block_cfg ({new})')
+    warnings.warn(f'PIDEHamiltonianNet: {sorted(given)} are deprecated and will be removed in pide_zoo 0.3; '
+                  f'use one block_cfg dict ({new})', FutureWarning, stacklevel=3)
+    if old['nonlocal_operator'] is None:  # as before 0.2: without an operator, no blocks
+        return None
+    cfg = dict(nonlocal_cfg or {})
+    cfg.update({_OLD_BLOCK_ARGS[k]: v for k, v in given.items() if k in _OLD_BLOCK_ARGS})
+    return cfg
+
 
 @MODELS.register_module()
 class PIDEHamiltonianNet(BaseModule):
@@ -26,13 +67,23 @@ class PIDEHamiltonianNet(BaseModule):
         in_channels: image channels.
         depths, widths, h: Units of the network (Hamiltonian-74: (6, 6, 6), (32, 64, 112), 0.06).
         downsample: average-pool between Units (the paper's segmentation network does not).
-        nonlocal_operator: PIDE operator of the nonlocal blocks, or None.
-        nonlocal_units, nonlocal_after, nonlocal_stages, nonlocal_subsample: placement and shape of
-            the nonlocal blocks (the paper: every Unit, after block 2, 2 stages, pool 3 for BDD100K).
-        nonlocal_cfg: further :class:`PIDEBlock` arguments.
+        block_cfg: :class:`~pide_zoo.layers.PIDEBlock` arguments of the nonlocal blocks, e.g.
+            ``dict(operator='frac_laplacian')``; None (the default) builds the purely local network.
+            Unset keys take the paper's segmentation values (``stages=2``, ``subsample=3``) and otherwise
+            the block's defaults (``operator='diffusion'``); every other key reaches the block unchanged.
+        nonlocal_units: Units that get a nonlocal block (the paper: every Unit).
+        nonlocal_after: position in each Unit, as the number of Hamiltonian blocks before it (the paper: 2).
         reversible: reversible back-propagation through the Hamiltonian blocks.
         out_indices: Units whose outputs are returned.
         init_cfg: mmengine initialisation config (default: the He-normal init of the blocks).
+        nonlocal_operator, nonlocal_stages, nonlocal_subsample, nonlocal_cfg: deprecated spellings of
+            ``block_cfg`` entries (``operator``, ``stages``, ``subsample``, the rest), removed in pide_zoo 0.3.
+
+    Example:
+        >>> from pide_zoo.seg.backbones import PIDEHamiltonianNet
+        >>> net = PIDEHamiltonianNet(depths=(1, 1, 1), block_cfg=dict(operator='log', subsample=2))
+        >>> [(b.operator, b.stages, b.subsample) for b in net.body.modules() if type(b).__name__ == 'PIDEBlock']
+        [('log', 2, 2), ('log', 2, 2), ('log', 2, 2)]
     """
 
     def __init__(
@@ -42,26 +93,36 @@ class PIDEHamiltonianNet(BaseModule):
             widths: Sequence[int] = (32, 64, 112),
             h: float = 0.06,
             downsample: bool = False,
-            nonlocal_operator: Optional[str] = None,
+            block_cfg: Optional[Dict[str, Any]] = None,
             nonlocal_units: Sequence[int] = (0, 1, 2),
             nonlocal_after: int = 2,
-            nonlocal_stages: int = 2,
-            nonlocal_subsample: int = 3,
-            nonlocal_cfg: Optional[Dict[str, Any]] = None,
             reversible: bool = False,
             out_indices: Sequence[int] = (2,),
             init_cfg: Optional[Dict[str, Any]] = None,
+            nonlocal_operator: Optional[str] = None,
+            nonlocal_stages: Optional[int] = None,
+            nonlocal_subsample: Optional[int] = None,
+            nonlocal_cfg: Optional[Dict[str, Any]] = None,
     ):
         super().__init__(init_cfg)
         for i in out_indices:
             if not isinstance(i, int) or not 0 <= i < len(widths):
                 raise ValueError(f'out_indices must hold Unit indices in [0, {len(widths)}), got {out_indices}')
         self.out_indices = tuple(out_indices)
+        block_cfg = _from_old_names(block_cfg, nonlocal_cfg, dict(
+            nonlocal_operator=nonlocal_operator, nonlocal_stages=nonlocal_stages,
+            nonlocal_subsample=nonlocal_subsample))
+        nonlocal_args: Dict[str, Any] = {}
+        if block_cfg is not None:
+            # HamiltonianNet spells these three as its own arguments; the rest passes through unchanged.
+            cfg = {**_BLOCK_DEFAULTS, **_check_block_cfg(block_cfg, 'PIDEHamiltonianNet')}
+            nonlocal_args = dict(nonlocal_operator=cfg.pop('operator', 'diffusion'),
+                                 nonlocal_stages=cfg.pop('stages'), nonlocal_subsample=cfg.pop('subsample'),
+                                 nonlocal_kwargs=cfg)
         self.body = HamiltonianNet(
             num_classes=0, in_chans=in_channels, depths=depths, widths=widths, h=h, downsample=downsample,
-            nonlocal_operator=nonlocal_operator, nonlocal_units=nonlocal_units, nonlocal_after=nonlocal_after,
-            nonlocal_stages=nonlocal_stages, nonlocal_subsample=nonlocal_subsample,
-            nonlocal_kwargs=nonlocal_cfg, global_pool='', reversible=reversible)
+            nonlocal_units=nonlocal_units, nonlocal_after=nonlocal_after, global_pool='', reversible=reversible,
+            **nonlocal_args)
         self.body.fc = None  # no classifier; keeps checkpoints free of unused parameters
         self.body.global_pool = None
         self.body.head_drop = None

@@ -8,6 +8,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..layers.nonlocal_block import PIDEBlock
+from .backbones import _check_block_cfg
 
 __all__ = ['PIDENeck']
 
@@ -19,7 +20,8 @@ class PIDENeck(BaseModule):
     Args:
         in_channels: channels of every backbone output.
         indices: which outputs get a nonlocal block (default: all).
-        block_cfg: :class:`PIDEBlock` arguments shared by the blocks (``operator``, ``subsample``, ...).
+        block_cfg: :class:`PIDEBlock` arguments shared by the blocks (``operator``, ``subsample``, ...), as in
+            the backbone ``PIDEHamiltonianNet``; unset keys take the block's defaults (None: all of them).
         init_cfg: mmengine initialisation config.
     """
 
@@ -31,7 +33,8 @@ class PIDENeck(BaseModule):
         for i in indices:
             if not isinstance(i, int) or not 0 <= i < len(self.in_channels):
                 raise ValueError(f'indices must lie in [0, {len(self.in_channels)}) (one per input), got {i!r}')
-        self.blocks = nn.ModuleDict({str(i): PIDEBlock(self.in_channels[i], **(block_cfg or {})) for i in indices})
+        block_cfg = _check_block_cfg(block_cfg, 'PIDENeck')
+        self.blocks = nn.ModuleDict({str(i): PIDEBlock(self.in_channels[i], **block_cfg) for i in indices})
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         if len(inputs) != len(self.in_channels):

@@ -17,8 +17,7 @@ model = dict(
         widths=(32, 64, 112),
         h=0.06,
         downsample=False,
-        nonlocal_operator=None,
-        nonlocal_subsample=3,
+        # no nonlocal blocks; leaf configs add block_cfg=dict(operator=...) (stages 2, subsample 3 by default)
         out_indices=(2, )),
     decode_head=dict(
         type='FCNHead',
