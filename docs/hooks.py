@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict
 
 log = logging.getLogger('mkdocs.hooks.help')
-MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>tools/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
+MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>(?:tools|benchmarks)/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
 ROOT = Path(__file__).resolve().parents[1]
 _help: Dict[str, str] = {}
 
@@ -29,6 +29,7 @@ import contextlib, io, json, runpy, sys
 out = {}
 for tool in sys.argv[1:]:
     sys.argv = [tool, '--help']
+    sys.path.insert(0, tool.rsplit('/', 1)[0])  # as `python tool` does: its folder's modules import
     buf = io.StringIO()
     code = 0
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -38,6 +39,7 @@ for tool in sys.argv[1:]:
             code = e.code or 0
         except BaseException as e:
             code = f'{type(e).__name__}: {e}'
+    sys.path.pop(0)
     out[tool] = [code, buf.getvalue()]
 print(json.dumps(out))
 """

@@ -17,7 +17,7 @@ README_LIMIT = 12 * 1024
 API_MODULES = ('pide_zoo', 'pide_zoo.layers', 'pide_zoo.seg', 'pide_zoo.flops', 'pide_zoo.export',
                'pide_zoo.analysis')
 DOCUMENTED = API_MODULES + ('pide_zoo.models', 'pide_zoo.training')
-HELP_MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>tools/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
+HELP_MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>(?:tools|benchmarks)/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
 
 
 def _module_all(module: str) -> list:
