@@ -1,8 +1,6 @@
-"""The benchmark harness (benchmarks/harness.py) and the benchmark scripts' smoke modes at tiny sizes."""
+"""The benchmark scripts (benchmarks/) at their --quick sizes: each runs, writes its tables as JSON, fails clearly."""
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -10,177 +8,178 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_heads  # noqa: E402
+import bench_init  # noqa: E402
 import bench_network  # noqa: E402
 import bench_nonlocal  # noqa: E402
+import bench_reversible  # noqa: E402
 import bench_scaling  # noqa: E402
 import harness  # noqa: E402
 
-
-def test_print_table_aligns_text_left_and_numbers_right(capsys):
-    harness.print_table(['name', 'ms'], [['a', '1.0'], ['long name', '123.4']])
-    assert capsys.readouterr().out.splitlines() == [
-        '| name      |    ms |',
-        '|-----------|------:|',
-        '| a         |   1.0 |',
-        '| long name | 123.4 |',
-    ]
+QUICK = ['--quick', '--device', 'cpu', '--threads', '1', '--repeats', '1', '--warmup', '0']
 
 
-def test_formatters():
-    assert harness.fmt_ratio(2.5) == '2.50x' and harness.fmt_ratio(18.44) == '18.4x' and harness.fmt_ratio(None) == '—'
-    assert harness.fmt_pct(0.05) == '5%' and harness.fmt_pct(0.5) == '50% (!)'
-    assert harness.fmt_duration(30) == '~30 s' and harness.fmt_duration(600) == '~10 min'
-    assert harness.fmt_duration(3 * 3600) == '~3.0 h'
+def load(path, rows):
+    """The JSON table at ``path``, checked against the schema, with ``rows`` rows of ``len(columns)`` values."""
+    data = json.loads(Path(path).read_text())
+    assert {'name', 'title', 'command', 'environment', 'columns', 'rows'} <= set(data)
+    assert {'cpu', 'threads', 'torch', 'device', 'date'} <= set(data['environment'])
+    assert data['environment']['threads'] == 1 and data['command'].startswith('python benchmarks/bench_')
+    assert len(data['rows']) == rows and all(len(r) == len(data['columns']) for r in data['rows'])
+    return [dict(zip(data['columns'], r)) for r in data['rows']]
 
 
-@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='needs Linux /proc')
-def test_peak_meter_sees_a_touched_allocation_after_an_earlier_larger_peak():
+def test_time_interleaved_alternates_steps_and_keeps_going_past_a_failure():
     import torch
 
-    big = torch.ones(96 * 2 ** 20 // 4)  # an earlier, larger peak that the reset must hide
+    calls = []
+
+    def boom():
+        calls.append('b')
+        raise RuntimeError('boom\nsecond line')
+
+    ms = harness.time_interleaved({'a': lambda: calls.append('a'), 'b': boom, 'c': lambda: calls.append('c')},
+                                  torch.device('cpu'), repeats=2, warmup=1)
+    assert calls == ['a', 'b', 'c', 'a', 'c', 'a', 'c']
+    assert ms['b'] == 'RuntimeError: boom' and ms['a'] >= 0 and ms['c'] >= 0
+
+
+@pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason='reads Linux /proc')
+def test_peak_mb_counts_the_step_even_after_a_larger_freed_allocation():
+    import torch
+
+    big = torch.ones(64 * 2 ** 20 // 4) + 1  # freed memory the allocator may keep must not hide the step's
     del big
-    meter = harness.PeakMeter(torch.device('cpu'))
-    assert meter.how == 'VmHWM after clear_refs'
-    x = torch.ones(48 * 2 ** 20 // 4)  # 48 MiB, every page written
-    peak = meter.peak()
-    del x
-    assert 40 * 2 ** 20 <= peak <= 90 * 2 ** 20
+    assert 30 <= harness.peak_mb(lambda: torch.ones(16 * 2 ** 20 // 4) + 1, torch.device('cpu')) <= 40  # 2 x 16 MiB
 
 
-def test_measure_step_counts_warmup_and_timed_runs():
+def test_a_failing_write_leaves_the_earlier_json_intact(tmp_path):
+    import argparse
+
+    path = tmp_path / 't.json'
+    args = argparse.Namespace(command='c', device='cpu')
+    kw = dict(args=args, name='t', title='t', columns=['a'])
+    harness.write_table(path, rows=[[1]], **kw)
+    with pytest.raises(TypeError):
+        harness.write_table(path, rows=[[object()]], **kw)
+    assert json.loads(path.read_text())['rows'] == [[1]] and [p.name for p in tmp_path.iterdir()] == ['t.json']
+
+
+def test_bench_nonlocal_operators_and_blocks_agree_with_dense(tmp_path):
+    bench_nonlocal.main(QUICK + ['--tables', 'operators,blocks', '--operators', 'diffusion,frac_laplacian',
+                                 '--out', str(tmp_path / 'nl.json')])
+    for table in ('operators', 'blocks'):
+        rows = load(tmp_path / f'nl_{table}.json', 4)  # 2 cases x 2 operators
+        assert all(r['dense ms'] > 0 and r['efficient MB'] > 0 for r in rows)
+        assert {r['path'] for r in rows} == {'lowrank', 'fused'}
+    assert all(r['max rel diff'] < 1e-4 for r in load(tmp_path / 'nl_operators.json', 4))
+
+
+def test_bench_nonlocal_peers(tmp_path):
+    bench_nonlocal.main(QUICK + ['--tables', 'peers', '--out', str(tmp_path / 'nl.json')])
+    rows = load(tmp_path / 'nl_peers.json', 7)  # 4 PIDE blocks, 3 peers
+    assert all(isinstance(r['ms'], float) for r in rows if r['block'].startswith(('PIDE', 'timm')))
+
+
+def test_flex_aggregate_matches_the_dense_path(capsys, tmp_path):
+    """FlexAttention's score_mod and log-sum-exp give the PIDE aggregate (forward: CPU flex has no backward)."""
     import torch
+    from torch.nn.attention.flex_attention import flex_attention
 
-    calls = []
-    r = harness.measure_step(lambda: calls.append(1) or len(calls), torch.device('cpu'), warmup=2, repeats=3,
-                             budget_s=60.0)
-    assert len(calls) == 5 and r['runs'] == '3' and r['out'] == 5 and len(r['warmup_ms']) == 2
+    from pide_zoo.layers import nonlocal_aggregate
 
-
-def test_measure_step_keeps_the_warmup_alone_beyond_the_budget():
-    import torch
-
-    calls = []
-
-    def slow():
-        calls.append(1)
-        time.sleep(0.05)
-
-    r = harness.measure_step(slow, torch.device('cpu'), warmup=1, repeats=5, budget_s=0.01)
-    assert len(calls) == 1 and r['runs'] == '1w' and r['ms'] >= 50
+    torch.manual_seed(0)
+    theta, phi, vq, vk = torch.randn(2, 8, 40), torch.randn(2, 8, 12), torch.randn(2, 6, 40), torch.randn(2, 6, 12)
+    for op in bench_nonlocal.FLEX_OPERATORS:
+        with torch.no_grad():
+            got = bench_nonlocal.flex_aggregate(theta, phi, vq, vk, op, flex_attention)
+        want = nonlocal_aggregate(theta, phi, vq, vk, operator=op, lam=bench_nonlocal.LAM, method='dense')
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    bench_nonlocal.main(QUICK + ['--tables', 'flex', '--out', str(tmp_path / 'nl.json')])
+    assert 'flex table skipped: ' in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
-def _boom():
-    raise ValueError('boom\nsecond line')
+def test_an_interrupted_run_keeps_the_tables_written_before(tmp_path, monkeypatch):
+    out = tmp_path / 'nl.json'
+    (tmp_path / 'nl_blocks.json').write_text('{"earlier": true}')
+
+    def fail(kind, *args):
+        if kind == 'block':
+            raise KeyboardInterrupt
+        return []
+
+    monkeypatch.setattr(bench_nonlocal, 'versus_dense', fail)
+    with pytest.raises(KeyboardInterrupt):
+        bench_nonlocal.main(QUICK + ['--tables', 'operators,blocks', '--out', str(out)])
+    assert load(tmp_path / 'nl_operators.json', 0) == []
+    assert json.loads((tmp_path / 'nl_blocks.json').read_text()) == {'earlier': True}
 
 
-def test_run_isolated_reports_errors_and_dead_children():
-    assert harness.run_isolated(_boom, in_process=True) == {'error': 'ValueError: boom'}
-    assert harness.run_isolated(os.getpid) != os.getpid()  # ran in another process
-    assert harness.run_isolated(os._exit, 3) == {'error': 'child process died, exit code 3'}
+def test_bench_network_compares_with_the_first_model(tmp_path):
+    bench_network.main(QUICK + ['--models', 'resnet44_cifar,preresnet20_cifar', '--out', str(tmp_path / 'n.json')])
+    rows = load(tmp_path / 'n.json', 2)
+    assert rows[0]['time / resnet44_cifar'] == 1.0 and rows[1]['step ms'] > 0 and rows[1]['params (M)'] > 0.5
 
 
-def test_bench_nonlocal_quick_agrees_with_dense(capsys):
-    bench_nonlocal.main(['--quick', '--cases', 'cifar', '--operators', 'diffusion,frac_laplacian',
-                         '--repeats', '1', '--warmup', '0'])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith('| tiny 8x8')]
-    assert len(rows) == 4  # two operators x (auto, dense)
-    diffs = [float(r.split('|')[9]) for r in rows if '| dense ' in r]
-    assert len(diffs) == 2 and max(diffs) < 1e-4
+def test_bench_heads(tmp_path):
+    pytest.importorskip('mmseg')
+    bench_heads.main(QUICK + ['--heads', 'PIDEHead,NLHead,FCNHead', '--operators', 'diffusion', '--modes', 'train',
+                              '--out', str(tmp_path / 'h.json')])
+    rows = load(tmp_path / 'h.json', 3)
+    assert [r['head'] for r in rows] == ['PIDEHead diffusion', 'NLHead', 'FCNHead']
+    assert all(r['train ms'] > 0 and r['test ms'] is None and r['GFLOPs (train size, 1 image)'] > 0 for r in rows)
 
 
-def test_bench_nonlocal_rejects_unknown_case_groups():
-    with pytest.raises(SystemExit):
-        bench_nonlocal.main(['--cases', 'bdd,cifar100'])
+def test_bench_scaling_stops_a_series_at_its_budget_and_draws_the_figure(tmp_path):
+    out = tmp_path / 's.json'
+    # diffusion: its first point runs; the second is predicted from it, over one of the budgets. dense: its N x M
+    # kernel copies (6 x 1 KB at 8x8) are over the memory budget before it runs.
+    bench_scaling.main(QUICK + ['--series', 'diffusion,dense_frac_laplacian', '--max-gb', '1e-7',
+                                '--max-case-s', '1e-9', '--out', str(out)])
+    rows = load(out, 3)
+    assert [r['status'] for r in rows[:1] + rows[2:]] == ['ok', bench_scaling.OVER_MEMORY]
+    assert rows[1]['status'] in (bench_scaling.OVER_MEMORY, bench_scaling.OVER_TIME) and rows[2]['predicted MB'] > 0
+    assert out.with_suffix('.png').stat().st_size > 10_000
+    out.with_suffix('.png').unlink()
+    bench_scaling.main(['--plot-only', str(out)])
+    assert out.with_suffix('.png').stat().st_size > 10_000
 
 
-def test_scaling_extrapolation():
-    # slope of the last two points (2 here) when above the floor, else the floor
-    assert bench_scaling.extrapolate([(1, 1.0), (2, 4.0)], 4, 1.0) == pytest.approx(16.0)
-    assert bench_scaling.extrapolate([(1, 1.0), (2, 1.0)], 4, 1.0) == pytest.approx(2.0)
+def test_bench_scaling_extrapolation():
+    assert bench_scaling.extrapolate([(1, 1.0), (2, 4.0)], 4, 1.0) == pytest.approx(16.0)  # slope 2
+    assert bench_scaling.extrapolate([(1, 1.0), (2, 1.0)], 4, 1.0) == pytest.approx(2.0)  # the floor
     assert bench_scaling.extrapolate([], 4, 1.0) is None
 
 
-def _scaling_statuses(out, *args):
-    bench_scaling.main(['--quick', '--repeats', '1', '--warmup', '0', '--output', str(out), *args])
-    data = json.loads(out.with_suffix('.json').read_text())
-    return [(p['series'], p['status']) for p in data['results']]
-
-
-def test_scaling_quick_skips_cases_over_the_budgets(tmp_path, capsys):
-    # diffusion runs its first size; the next one's time, extrapolated from it, is over the time budget
-    fig = tmp_path / 'time.png'
-    assert _scaling_statuses(fig, '--series', 'diffusion', '--max-case-s', '1e-9') == [
-        ('diffusion', 'ok'), ('diffusion', bench_scaling.OVER_TIME)]
-    assert fig.stat().st_size > 10_000
-    assert 'out of time budget' in capsys.readouterr().out
-    # dense is predicted over the memory budget from its kernel size (6 x 1 KB at 8x8) before it runs
-    assert _scaling_statuses(tmp_path / 'memory.png', '--series', 'dense_frac_laplacian', '--max-gb', '1e-6') == [
-        ('dense_frac_laplacian', bench_scaling.OVER_MEMORY)]
-
-
-def test_bench_network_quick_reports_each_model_against_the_reference(capsys):
-    bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar'])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith('| resnet44') or line.startswith('| preresnet20')]
-    assert len(rows) == 2 and rows[0].rstrip(' |').endswith('1.000x')
-    with pytest.raises(SystemExit):
-        bench_network.main(['--quick', '--models', 'resnet44_cifar'])
-    with pytest.raises(SystemExit):
-        bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar,resnet44_cifar'])
-
-
-def test_bench_network_pairs_each_model_with_the_reference_in_its_own_process(capsys):
-    bench_network.main(['--models', 'preresnet20_cifar,resnet44_cifar,hamiltonian74', '--batch', '2',
-                        '--repeats', '1', '--warmup', '0', '--threads', '1'])
-    out = capsys.readouterr().out
-    assert ', 1 CPU threads,' in out  # read back from the spawned processes
-    assert 'each model interleaved with preresnet20_cifar in a fresh process' in out
-    assert 'one spawned process per measurement' in out
-    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
-            for line in out.splitlines() if line.startswith('| ') and not line.startswith('| model')}
-    assert list(rows) == ['preresnet20_cifar', 'resnet44_cifar', 'hamiltonian74']
-    for params, step_ms, ref_ms, ratio in rows.values():
-        t, r = float(step_ms), float(ref_ms)
-        assert float(params) > 0 and t > 0 and r > 0
-        # the ratio is taken within its own process (the printed times are rounded to 0.1 ms)
-        assert float(ratio.rstrip('x')) == pytest.approx(t / r, abs=0.05 * (1 + t / r) / r + 1e-3)
-    assert rows['preresnet20_cifar'][3] == '1.000x'
-
-
-def test_bench_network_compile_names_the_backend_and_keeps_compiling_steps_apart(capsys):
-    bench_network.main(['--quick', '--models', 'resnet44_cifar,preresnet20_cifar', '--compile', 'eager'])
-    out = capsys.readouterr().out
-    assert "torch.compile(backend='eager')" in out
-    assert 'first two (compiling) steps, untimed above: resnet44_cifar ' in out
-    assert len([line for line in out.splitlines() if line.startswith('| preresnet20')]) == 1
-
-
-def test_cut_pide_blocks_keeps_only_the_stages_norm_activation_residual_and_conv():
-    import torch
-    from torch import nn
+def test_bench_init(tmp_path):
+    bench_init.main(QUICK + ['--operators', 'diffusion,frac_laplacian', '--out', str(tmp_path / 'i.json')])
+    import inspect
 
     from pide_zoo.layers import PIDEBlock
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 6, 6)
-    for keep_conv in (False, True):
-        block = PIDEBlock(8, stages=2, h=0.3).eval()
-        for norm in block.norms:  # non-trivial running statistics and affine parameters
-            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
-            norm.weight.data.uniform_(0.5, 2), norm.bias.data.uniform_(-1, 1)
-        model = nn.Sequential(nn.Identity(), block)
-        bench_network.cut_pide_blocks(model, keep_conv=keep_conv)
-        assert not any(isinstance(m, PIDEBlock) for m in model.modules())
-        out = x
-        for conv, norm in zip(block.convs, block.norms):
-            t = conv(out) if keep_conv else out
-            out = x + 0.3 * torch.relu(norm(t))
-        torch.testing.assert_close(model(x), out)
+    forms = 2 if 'kernel_scale' in inspect.signature(PIDEBlock).parameters else 1
+    rows = load(tmp_path / 'i.json', 2 * 2 * forms)  # operators x widths (16, 32) x forms
+    assert all(r['pre-BN std'] > 0 and r['grad K_1'] > 0 and 0 < r['‖B−X‖/‖X‖'] < 1 for r in rows)
 
 
-def test_bench_network_floors_add_the_cut_down_models(capsys):
-    bench_network.main(['--quick', '--models', 'hamiltonian74,nl_hamiltonian74', '--floors'])
-    rows = [line.split('|')[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
-    assert rows[1:] == ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74[stages]',
-                        'nl_hamiltonian74[stages+conv]']
+def test_bench_reversible_saves_less_for_the_backward(tmp_path):
+    bench_reversible.main(QUICK + ['--out', str(tmp_path / 'r.json')])
+    rows = load(tmp_path / 'r.json', 2)  # depths 1 and 2
+    assert all(r['reversible saved MB'] < r['stored saved MB'] and r['reversible ms'] > 0 for r in rows)
+
+
+@pytest.mark.parametrize('script, args', [
+    (bench_nonlocal, ['--device', 'tpu']),
+    (bench_nonlocal, ['--tables', 'operators,everything']),
+    (bench_nonlocal, ['--repeats', '0']),
+    (bench_network, ['--models', 'resnet44_cifar,resnet44_cifar']),
+    (bench_network, ['--models', 'no_such_model']),
+    (bench_init, ['--widths', '1']),
+    (bench_scaling, ['--plot-only', '/nonexistent.json']),
+    (bench_heads, ['--heads', 'PSPHead']),
+    (bench_reversible, ['--depths', '2,0']),
+])
+def test_bad_arguments_exit_with_a_message(script, args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(args)
+    assert exc.value.code == 2 and 'error:' in capsys.readouterr().err
