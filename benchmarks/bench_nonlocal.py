@@ -14,7 +14,8 @@ Forward+backward, training mode; each table's variants timed interleaved (harnes
 
 Sizes: CIFAR units (32x32 C=32, 16x16 C=64, 8x8 C=112, keys pooled by 2), BDD100K 160x90 C=112 pooled by 3, and
 with ``--full-res`` 1280x720 (batch 1, efficient path only, about an hour per distance kernel on 2 CPU cores).
-Dense and the peers run only where their N x M copies are predicted to fit ``--max-gb``.
+Dense and the peers run only where their N x M copies are predicted to fit ``--max-gb``. Each table goes to
+``<--out stem>_<table>.json``: by default docs/benchmarks/nonlocal_operators.json, _blocks, _peers, _flex.
 
     python benchmarks/bench_nonlocal.py --quick --out /tmp/nonlocal.json
     python benchmarks/bench_nonlocal.py --device cuda --tables flex,blocks
@@ -167,7 +168,7 @@ def measure(modules: dict[str, Any], case: Case, device: Any, args: argparse.Nam
             continue
         results[name]['mb'] = harness.peak_mb(steps[name], device)
         grads = [last['out'].detach(), x.grad] + [p.grad for p in modules[name].parameters() if p.dim() == 3]
-        if reference is not None:
+        if reference in modules:  # only to compare with it
             results[name]['tensors'] = [g.detach().double().cpu() for g in grads]
         results[name]['params'] = sum(p.numel() for p in modules[name].parameters())
     ref = results.get(reference, {}).get('tensors')

@@ -69,7 +69,7 @@ def run_series(series: str, cases: list[Case], device: Any, args: argparse.Names
         copies = PEER_COPIES if kind in PEERS else DENSE_COPIES[operator] if method == 'dense' else 0
         mb = max(copies * case.kernel_gb(pool) * 1024, extrapolate(peaks, n, 2.0 if quadratic else 1.0) or 0.0)
         ms = extrapolate(times, n, 1.0 if series == 'diffusion' else 2.0)
-        rows.append([series, f'{case.width}x{case.height}', n, case.keys(pool), 'ok', None, None, ms, mb])
+        rows.append([series, f'{case.width}x{case.height}', n, case.keys(pool), 'ok', None, None, ms, mb or None])
         over_memory = mb / 1024 > args.max_gb
         if over_memory or (ms or 0) / 1e3 > args.max_case_s:
             rows[-1][4] = OVER_MEMORY if over_memory else OVER_TIME
@@ -114,7 +114,8 @@ def plot(data: dict[str, Any], figure: Path) -> None:
         ax.set_xticks([n for n, _ in sizes], labels=[f'{s}\n{n:,}' for n, s in sizes], fontsize=7)
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7, title='open: predicted, over the memory (X) or time (◇) budget', title_fontsize=7)
+    axes[0].legend(loc='upper left', fontsize=7, title_fontsize=7,
+                   title='open: predicted, over the memory (X) or time (◇) budget')
     fig.suptitle(f'{data["title"]}; {data["environment"]["device"]}, {data["environment"]["threads"]} threads')
     fig.tight_layout()
     fig.savefig(figure, dpi=130)
