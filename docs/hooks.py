@@ -1,4 +1,5 @@
-"""MkDocs hook: the tools' command-line options, from their ``--help``, generated when the site is built.
+"""MkDocs hook: the tools' command-line options, from their ``--help``, generated when the site is built (and the
+API page's constants, listed from each module's ``__all__``).
 
 A page says ``<!-- help: tools/NAME.py -->``, on a line of its own, where the options go; the hook runs
 ``python tools/NAME.py --help`` (all of them in one process, before the pages are read) and puts the output there
@@ -8,6 +9,7 @@ suite checks, in the full environment, that every marker became a usage text.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -68,8 +70,24 @@ def on_pre_build(config, **kwargs) -> None:
             log.info('%s --help failed here (%s): %s', tool, code, text.strip()[-300:])
 
 
+CONSTANTS = re.compile(r'^<!--\s*constants:\s*(?P<module>pide_zoo[\w.]*)\s*-->[ \t]*$', re.MULTILINE)
+
+
+def _constants(module: str) -> str:
+    """mkdocstrings entries for the upper-case names in ``module``'s ``__all__`` (read from its source)."""
+    path = ROOT.joinpath(*module.split('.'))
+    path = path / '__init__.py' if path.is_dir() else path.with_suffix('.py')
+    names = next(ast.literal_eval(node.value) for node in ast.walk(ast.parse(path.read_text('utf-8')))
+                 if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == '__all__' for t in node.targets))
+    options = ('    options:\n      show_if_no_docstring: true\n      show_root_full_path: false\n'
+               '      heading_level: 5\n')
+    return '\n'.join(f'::: {module}.{name}\n{options}' for name in names if name.isupper())
+
+
 def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
-    """Replace each marker by its tool's ``--help`` output."""
+    """Replace each marker by its tool's ``--help`` output, and each constants marker by API entries."""
+    markdown = CONSTANTS.sub(lambda m: _constants(m['module']), markdown)
+
     def block(match: re.Match) -> str:
         tool = match['path']
         if tool in _help:
