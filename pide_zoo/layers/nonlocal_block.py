@@ -176,11 +176,14 @@ class PIDEBlock(nn.Module):
         theta, phi = self.embed(x)
         kw = dict(operator=self.operator, s=self.s, n=self.n, lam=self.lam, kernel=self.kernel,
                   embed_scale=self.embed_scale)
-        # The dense path forms the kernel once from X for every stage, as the paper; the others per stage.
-        kern = evaluate_kernel(theta, phi, **kw) if self.method == 'dense' else None
+        kern = rowsum = None
+        if self.method == 'dense':  # the kernel and its row sums once from X for every stage, as the paper
+            kern = evaluate_kernel(theta, phi, **kw)
+            if self.operator in ('diffusion', 'frac_laplacian') or self.normalizer == 'rowsum':
+                rowsum = kern.sum(2)
         out = x
         for conv, norm in zip(self.convs, self.norms):
-            agg = evaluate_aggregate(theta, phi, out.flatten(2), self._pool(out).flatten(2), kern, **kw,
+            agg = evaluate_aggregate(theta, phi, out.flatten(2), self._pool(out).flatten(2), kern, rowsum, **kw,
                                      normalizer=self.normalizer, method=self.method, tile_size=self.tile_size)
             out = torch.add(x, self.act(norm(pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
         return out

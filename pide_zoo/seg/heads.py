@@ -51,7 +51,7 @@ class PIDEHead(FCNHead):
         **kwargs: :class:`~mmseg.models.decode_heads.FCNHead` arguments (``in_channels``, ``channels``,
             ``num_classes``, ``concat_input``, ``norm_cfg``, ``act_cfg``, ...; ``num_convs`` is 2).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pide_zoo.seg.heads import PIDEHead
         >>> head = PIDEHead(in_channels=64, channels=16, num_classes=19, operator='frac_laplacian',
