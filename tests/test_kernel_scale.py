@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pide_zoo.layers import PIDEBlock, pide_ops, width_scale
+from pide_zoo.layers import PIDEBlock, width_scale
 from pide_zoo.layers.nonlocal_block import _warned_forms
 from pide_zoo.layers.pide_ops import nonlocal_aggregate
 
@@ -211,8 +211,8 @@ def test_kernel_products_are_ieee_float32_whatever_the_global_precision(operator
 @pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'])
 @pytest.mark.parametrize('method', ['auto', 'dense'])
 def test_bf16_autocast_operator_is_accurate(operator, method):
-    """Under bf16 autocast the aggregate and its gradients (theta, key values) stay within 1e-2 of float64 (max abs error
-    over max abs), with the embeddings and values arriving in bf16 as the autocast convolutions give them."""
+    """Under bf16 autocast the aggregate and its gradients (theta, key values) stay within 1e-2 of float64 (max
+    abs error over max abs), with embeddings and values arriving in bf16 as the autocast convolutions give them."""
     theta, phi, vq, vk = (t.to(torch.bfloat16) for t in _inputs(b=2, e=16, c=24, n=96, m=24, seed=5,
                                                                       dtype=torch.float32))
     theta, phi = theta * 0.5, phi * 0.5

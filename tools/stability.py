@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         if dataset not in DATASETS:
             p.error(f'--dataset must be one of {", ".join(DATASETS)}, got {dataset!r}')
         torch.manual_seed(args.seed)
-        loaded += [load_model(model_name=m, dataset=dataset) for m in args.models]
+        loaded += [load_model(model=m, dataset=dataset) for m in args.models]
         images, labels = load_split(dataset, args.data_dir, 'test')
         train_mean = None
         if any(meta['data_mean'] is None for _, meta in loaded):

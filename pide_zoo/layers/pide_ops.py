@@ -284,7 +284,7 @@ def evaluate_kernel(theta: Tensor, phi: Tensor, *, operator: str, s: Optional[fl
         return _full_precision(partial(_dense_kernel, spec), theta.to(dtype), phi.to(dtype))
 
 
-def _dense_kernel(spec: '_KernelSpec', theta: Tensor, phi: Tensor) -> Tensor:
+def _dense_kernel(spec: _KernelSpec, theta: Tensor, phi: Tensor) -> Tensor:
     if not spec.distance:
         dot = torch.bmm(theta.transpose(1, 2), phi)
         return spec.a * dot if spec.kind == 'dot' else torch.exp(spec.lam * dot)
@@ -809,8 +809,9 @@ def nonlocal_aggregate(
 
 
 def evaluate_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, kern: Optional[Tensor] = None,
-                       rowsum: Optional[Tensor] = None, *, operator: str, s: Optional[float], n: int, lam: float, kernel: str, embed_scale: float,
-                       normalizer: Union[str, float], method: str, tile_size: Optional[int]) -> Tensor:
+                       rowsum: Optional[Tensor] = None, *, operator: str, s: Optional[float], n: int, lam: float,
+                       kernel: str, embed_scale: float, normalizer: Union[str, float], method: str,
+                       tile_size: Optional[int]) -> Tensor:
     """:func:`nonlocal_aggregate` for callers that validated its arguments (canonical operator, resolved s,
     normalizer and method). ``kern``, a dense kernel from :func:`evaluate_kernel`, is applied as it is, with its
     row sums ``rowsum`` where given."""
