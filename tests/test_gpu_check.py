@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ('env', 'tests', 'cuda_check', 'bench_nonlocal', 'timm_models', 'mmseg')
+SECTIONS = ('env', 'tests', 'cuda_check', 'mmseg', 'bench_nonlocal', 'timm_models')
 
 
-def _dry_run(out: Path, *options: str, fail: str = '', timeout: float = 400) -> tuple:
-    env = dict(os.environ, OMP_NUM_THREADS='1', GPU_CHECK_FAIL=fail)
+def _dry_run(out: Path, *options: str, fail: str = '', hang: str = '', timeout: float = 400) -> tuple:
+    env = dict(os.environ, OMP_NUM_THREADS='1', GPU_CHECK_FAIL=fail, GPU_CHECK_HANG=hang)
     env.pop('OUT', None)
     env['PYTHONPATH'] = os.pathsep.join(p for p in (str(ROOT), env.get('PYTHONPATH')) if p)
     proc = subprocess.run([sys.executable, 'tools/gpu_check.py', '--dry-run', '--out', str(out), *options],
@@ -56,7 +56,8 @@ def test_failing_section_does_not_hide_the_others(tmp_path):
 
 
 def test_section_timeout_is_a_failure_with_a_reason(tmp_path):
-    proc, report = _dry_run(tmp_path, '--sections', 'env', '--budget', '1', timeout=120)
+    proc, report = _dry_run(tmp_path, '--sections', 'env', '--budget', '4', hang='env', timeout=120)
     assert proc.returncode == 1
     assert report['summary']['env']['status'] == 'failed'
     assert 'timed out' in report['summary']['env']['reason']
+    assert report['summary']['env']['seconds'] < 30

@@ -12,7 +12,7 @@
 #   2. the device call (the `run` tool of the device machine):
 #        command:   bash tools/gpu_check.sh
 #        carry:     ["gpu_wheels"]
-#        timeout_s: 420
+#        timeout_s: 450
 #      It writes 7 files to $OUT (the tool returns up to 8): gpu_check.json (every section: status, key
 #      numbers, data), gpu_check.log (all output), tests.log (pytest's), and the benchmark's own tables
 #      bench_nonlocal_{flex,operators,blocks,peers}.json (benchmarks/harness.py's schema, for docs/benchmarks/).
