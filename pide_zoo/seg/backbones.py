@@ -79,7 +79,7 @@ class PIDEHamiltonianNet(BaseModule):
         nonlocal_operator, nonlocal_stages, nonlocal_subsample, nonlocal_cfg: deprecated spellings of
             ``block_cfg`` entries (``operator``, ``stages``, ``subsample``, the rest), removed in pide_zoo 0.3.
 
-    Example:
+    Examples:
         >>> from pide_zoo.seg.backbones import PIDEHamiltonianNet
         >>> net = PIDEHamiltonianNet(depths=(1, 1, 1), block_cfg=dict(operator='log', subsample=2))
         >>> [(b.operator, b.stages, b.subsample) for b in net.body.modules() if type(b).__name__ == 'PIDEBlock']
