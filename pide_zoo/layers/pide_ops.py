@@ -564,7 +564,6 @@ class _KernelSpec:
             self.power = (n + 2 * s) if operator == 'frac_laplacian' else (n - 2 * s)
             self.a, self.b = lam * pide_constant(operator, s, n) * embed_scale ** self.power, -self.power / 2
         self.s1, self.s2 = {'diffusion': (1.0, -1.0), 'frac_laplacian': (-1.0, 1.0)}.get(operator, (1.0, 0.0))
-        self.value_dtype: Optional[torch.dtype] = None  # bf16 value products under bf16 autocast
 
     def tile(self, theta_t: Tensor, phi: Tensor, stats: tuple[Tensor, Tensor, Tensor], rows: slice,
              derivative: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -621,12 +620,10 @@ def _fused_forward(spec: _KernelSpec, theta: Tensor, phi: Tensor, v_query: Tenso
     need_r = spec.s2 != 0 or normalizer == 'rowsum'
     out = v_query.new_empty(v_query.shape)
     rowsum = theta.new_empty(b, n_query) if need_r else None
-    vdt = spec.value_dtype
-    vk = v_key if vdt is None else v_key.to(vdt)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         w, _ = spec.tile(theta[:, :, rows], phi, stats, rows, derivative=False)
-        out[:, :, rows] = torch.bmm(vk, (w if vdt is None else w.to(vdt)).transpose(1, 2))
+        out[:, :, rows] = torch.bmm(v_key, w.transpose(1, 2))
         if need_r:
             torch.sum(w, 2, out=rowsum[:, rows])
     a = spec.a
@@ -683,8 +680,6 @@ def _fused_backward(ctx, grad) -> tuple:
     if not (need_kernel_grad or need_vk):
         return g_theta, g_phi, g_vq, g_vk, None, None, None
     stats = _distance_stats(theta, phi) if spec.distance else None
-    vdt = spec.value_dtype
-    vk, g_hat_v = (v_key, g_hat) if vdt is None else (v_key.to(vdt), g_hat.to(vdt))
     if need_vk:
         g_vk = torch.zeros_like(v_key)
     if need_theta:
@@ -696,18 +691,13 @@ def _fused_backward(ctx, grad) -> tuple:
     scale = spec.a * spec.b * (1.0 if q is not None else spec.s1) * (2.0 if spec.distance else 1.0)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
-        theta_t, g_t = theta[:, :, rows], g_hat_v[:, :, rows]
+        theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
         w, wd = spec.tile(theta_t, phi, stats, rows, derivative=need_kernel_grad)
         if need_vk:
-            if vdt is None:
-                g_vk.baddbmm_(g_t, w, alpha=spec.a * spec.s1)
-            else:
-                g_vk.add_(torch.bmm(g_t, w.to(vdt)), alpha=spec.a * spec.s1)
+            g_vk.baddbmm_(g_t, w, alpha=spec.a * spec.s1)
         if not need_kernel_grad:
             continue
-        sg = torch.bmm(g_t.transpose(1, 2), vk)
-        if vdt is not None:
-            sg = sg.float()
+        sg = torch.bmm(g_t.transpose(1, 2), v_key)
         if q is not None:
             sg.mul_(spec.s1).add_(q[:, rows].unsqueeze(2))
         if wd is not None:
@@ -731,27 +721,9 @@ def _fused_backward(ctx, grad) -> tuple:
     return g_theta, g_phi, g_vq, g_vk, None, None, None
 
 
-def _value_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """bf16 for the value products (W V and the backward's products with values and gradients, float32
-    accumulation) under bf16 autocast, on GPUs and on CPUs with bf16 matrix instructions; None (float32)
-    otherwise. Distances and kernel values stay float32: |d|^-3 overflows fp16 and a.b must not be rounded."""
-    kind = device.type
-    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
-        return None
-    get_dtype = getattr(torch, 'get_autocast_dtype', None)  # torch >= 2.4
-    if get_dtype is None or get_dtype(kind) != torch.bfloat16:
-        return None
-    return torch.bfloat16 if kind != 'cpu' or _cpu_has_bf16_matmul() else None
-
-
-def _cpu_has_bf16_matmul() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def _fused_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, spec: _KernelSpec,
                      normalizer: Union[str, float], tile: int) -> Tensor:
     dtype = _compute_dtype(theta, phi, v_query, v_key)
-    spec.value_dtype = _value_dtype(theta.device) if dtype == torch.float32 else None
     with _autocast_off(theta), ieee_fp32_matmul():
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
