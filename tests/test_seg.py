@@ -601,3 +601,19 @@ def test_demo_figure_from_two_checkpoints(tmp_path):
     bad = subprocess.run(args[:3] + [missing] + args[4:], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert bad.returncode == 2 and f"checkpoint {missing!r} does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_amp_passes_its_dtype_to_mmengine(dtype, monkeypatch, tmp_path):
+    import argparse
+
+    from pide_zoo.seg import cli
+    monkeypatch.setattr(cli.torch.cuda, 'is_available', lambda: True)  # --amp is for CUDA
+    parser = cli.add_common_args(argparse.ArgumentParser())
+    parser.add_argument('config')
+    args = parser.parse_args(['configs/demo_longrange.py', '--work-dir', str(tmp_path)])
+    wrapper = cli.load_config(args, amp=True, amp_dtype=dtype).optim_wrapper
+    assert wrapper.type == 'AmpOptimWrapper' and wrapper.dtype == dtype
+    assert wrapper.get('loss_scale') == ('dynamic' if dtype == 'float16' else None)
+    with pytest.raises(SystemExit, match='--amp-dtype must be one of'):
+        cli.load_config(args, amp=True, amp_dtype='float64')

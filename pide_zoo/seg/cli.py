@@ -11,7 +11,7 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 
-__all__ = ['add_common_args', 'load_config']
+__all__ = ['AMP_DTYPES', 'add_common_args', 'load_config']
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,9 +39,14 @@ def _setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     print_log('no CUDA device: DDP over the gloo backend on CPU', logger='current')
 
 
+AMP_DTYPES = ('float16', 'bfloat16')
+
+
 def load_config(args: argparse.Namespace, amp: bool = False, resume: bool = False,
-                checkpoint: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> Config:
-    """The config of ``args.config`` with the command line applied, ready for ``Runner.from_cfg``."""
+                checkpoint: Optional[str] = None, argv: Optional[Sequence[str]] = None,
+                amp_dtype: str = 'float16') -> Config:
+    """The config of ``args.config`` with the command line applied, ready for ``Runner.from_cfg``; ``amp`` turns
+    the ``OptimWrapper`` into mmengine's ``AmpOptimWrapper`` computing in ``amp_dtype`` (float16 or bfloat16)."""
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     if not osp.isfile(args.config):
@@ -57,6 +62,8 @@ def load_config(args: argparse.Namespace, amp: bool = False, resume: bool = Fals
     if args.launcher != 'none' and not torch.cuda.is_available():
         _setup_cpu_distributed(cfg, args.launcher)
     if amp:
+        if amp_dtype not in AMP_DTYPES:
+            raise SystemExit(f'--amp-dtype must be one of {", ".join(AMP_DTYPES)}, got {amp_dtype!r}')
         if not torch.cuda.is_available():
             raise SystemExit('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper); drop --amp on CPU')
         if cfg.optim_wrapper.type == 'AmpOptimWrapper':
@@ -65,7 +72,9 @@ def load_config(args: argparse.Namespace, amp: bool = False, resume: bool = Fals
             raise SystemExit(f'--amp needs optim_wrapper.type OptimWrapper, got {cfg.optim_wrapper.type}')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+            cfg.optim_wrapper.dtype = amp_dtype
+            if amp_dtype == 'float16':  # bfloat16 has float32's range: no loss scaling
+                cfg.optim_wrapper.loss_scale = 'dynamic'
     cfg.resume = resume
     if checkpoint is not None:
         cfg.load_from = checkpoint
