@@ -48,7 +48,8 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight``.
 
     CPU training: batched GEMMs on the NCHW tensor as it is, where oneDNN would copy it to its blocked
-    layout and back around the forward and both gradients (BDD100K diffusion block, fwd+bwd: 1.4x faster).
+    layout and back around the forward and both gradients (BDD100K diffusion block, fwd+bwd, side by side:
+    2 threads 2030 vs 2687 ms, 1.32x; 1 thread 1.04x).
     """
     if (x.device.type == 'cpu' and torch.is_grad_enabled() and x.is_contiguous() and x.dtype == weight.dtype
             and not torch.is_autocast_enabled('cpu') and (x.requires_grad or weight.requires_grad)):
