@@ -23,7 +23,7 @@ from harness import write_table  # noqa: E402  (the benchmarks' JSON writer)
 
 COLUMNS = ['config', 'operator', 'kernel_scale', 'widths', 'aAcc', 'mIoU', 'IoU background / red / green / blue',
            's / iter']
-_CLASS_ROW = re.compile(r'^\|\s*(\w+)\s*\|\s*([\d.]+|nan)\s*\|\s*([\d.]+|nan)\s*\|\s*$')
+_CLASS_ROW = re.compile(r'^\|\s*(\w[\w ]*?)\s*\|\s*([\d.]+|nan)\s*\|\s*([\d.]+|nan)\s*\|\s*$')
 
 
 def read_run(work_dir: str) -> list:
@@ -46,12 +46,12 @@ def read_run(work_dir: str) -> list:
     with open(osp.join(runs[-1], osp.basename(runs[-1]) + '.log')) as f:
         lines = f.read().splitlines()
     start = max((i for i, line in enumerate(lines) if 'per class results' in line), default=len(lines))
-    ious = {m.group(1): m.group(2) for m in map(_CLASS_ROW.match, lines[start:]) if m and m.group(1) != 'Class'}
+    ious = [m.group(2) for m in map(_CLASS_ROW.match, lines[start:]) if m]  # the classes in the dataset's order
     backbone = Config.fromfile(configs[-1]).model.backbone
     block = backbone.get('block_cfg') or {}
     return [osp.basename(configs[-1]), block.get('operator', '– (local)'), block.get('kernel_scale', '–'),
             '/'.join(map(str, backbone.widths)), val[-1]['aAcc'], val[-1]['mIoU'],
-            ' / '.join(ious.get(c, '?') for c in ('background', 'red', 'green', 'blue')),
+            ' / '.join(ious[:4]) if len(ious) >= 4 else '?',
             round(sum(times) / len(times), 3)]
 
 
