@@ -209,7 +209,7 @@ def test_kernel_products_are_ieee_float32_whatever_the_global_precision(operator
 
 
 @pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'])
-@pytest.mark.parametrize('method', ['auto', 'dense'])
+@pytest.mark.parametrize('method', ['auto', 'fused', 'dense'])
 def test_bf16_autocast_operator_is_accurate(operator, method):
     """Under bf16 autocast the aggregate and its gradients (theta, key values) stay within 1e-2 of float64 (max
     abs error over max abs), with embeddings and values arriving in bf16 as the autocast convolutions give them."""
@@ -220,9 +220,9 @@ def test_bf16_autocast_operator_is_accurate(operator, method):
 
     def run(*t, autocast):
         t = [a.clone().requires_grad_(i in (0, 3)) for i, a in enumerate(t)]
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):  # backward inside it, as some loops do
             out = nonlocal_aggregate(*t, operator=operator, embed_scale=2.0, method=method)
-        return (out.detach(), *torch.autograd.grad(out, [t[0], t[3]], grad.to(out.dtype)))
+            return (out.detach(), *torch.autograd.grad(out, [t[0], t[3]], grad.to(out.dtype)))
 
     got = run(theta, phi, vq, vk, autocast=True)
     want = run(*(a.double() for a in (theta, phi, vq, vk)), autocast=False)

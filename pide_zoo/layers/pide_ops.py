@@ -314,7 +314,7 @@ class _NestedGraph(torch.autograd.Function):
         inputs, out = ctx.graph
         del ctx.graph
         wanted = [t for t in inputs if t.requires_grad]
-        with ieee_fp32_matmul():
+        with _autocast_off(grad), ieee_fp32_matmul():
             grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         return (None,) + tuple(next(grads) if t.requires_grad else None for t in inputs)
 
@@ -491,26 +491,31 @@ class _LowRankDiffusion(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        theta, phi, v_query, v_key, pv, phi_sum, rowsum = ctx.saved_tensors
-        a = ctx.lam * ctx.scale
-        need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
-        g_theta = g_phi = g_vq = g_vk = None
-        buf = None
-        if need_theta or need_phi or need_vk:
-            g_pv = torch.bmm(theta, grad.transpose(1, 2)).mul_(a)  # (B, E, C)
-        if need_theta or need_phi:
-            buf = grad * v_query
-            q = buf.sum(1)  # sum_c V_ci g_ci, (B, N)
-            if need_theta:  # a (Phi V^T g - sum_j phi_j q^T)
-                g_theta = torch.bmm(pv.mul(a), grad).addcmul_(phi_sum.mul(-a).unsqueeze(2), q.unsqueeze(1))
-            if need_phi:
-                g_sum = torch.bmm(theta, q.unsqueeze(2)).mul_(-a)  # (B, E, 1)
-                g_phi = torch.bmm(g_pv, v_key).add_(g_sum)
-        if need_vq:
-            g_vq = torch.mul(grad, rowsum.mul(-ctx.scale).unsqueeze(1), out=buf)
-        if need_vk:
-            g_vk = torch.bmm(g_pv.transpose(1, 2), phi)
-        return g_theta, g_phi, g_vq, g_vk, None, None
+        with _autocast_off(grad):  # backward() may be called inside an autocast region
+            return _lowrank_backward(ctx, grad)
+
+
+def _lowrank_backward(ctx, grad) -> tuple:
+    theta, phi, v_query, v_key, pv, phi_sum, rowsum = ctx.saved_tensors
+    a = ctx.lam * ctx.scale
+    need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
+    g_theta = g_phi = g_vq = g_vk = None
+    buf = None
+    if need_theta or need_phi or need_vk:
+        g_pv = torch.bmm(theta, grad.transpose(1, 2)).mul_(a)  # (B, E, C)
+    if need_theta or need_phi:
+        buf = grad * v_query
+        q = buf.sum(1)  # sum_c V_ci g_ci, (B, N)
+        if need_theta:  # a (Phi V^T g - sum_j phi_j q^T)
+            g_theta = torch.bmm(pv.mul(a), grad).addcmul_(phi_sum.mul(-a).unsqueeze(2), q.unsqueeze(1))
+        if need_phi:
+            g_sum = torch.bmm(theta, q.unsqueeze(2)).mul_(-a)  # (B, E, 1)
+            g_phi = torch.bmm(g_pv, v_key).add_(g_sum)
+    if need_vq:
+        g_vq = torch.mul(grad, rowsum.mul(-ctx.scale).unsqueeze(1), out=buf)
+    if need_vk:
+        g_vk = torch.bmm(g_pv.transpose(1, 2), phi)
+    return g_theta, g_phi, g_vq, g_vk, None, None
 
 
 def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, lam: float,
@@ -655,7 +660,7 @@ class _FusedAggregate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        with ieee_fp32_matmul():
+        with _autocast_off(grad), ieee_fp32_matmul():  # backward() may be called inside an autocast region
             return _fused_backward(ctx, grad)
 
 
