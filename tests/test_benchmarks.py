@@ -70,7 +70,8 @@ def test_bench_nonlocal_operators_and_blocks_agree_with_dense(tmp_path):
                                  '--out', str(tmp_path / 'nl.json')])
     for table in ('operators', 'blocks'):
         rows = load(tmp_path / f'nl_{table}.json', 4)  # 2 cases x 2 operators
-        assert all(r['dense ms'] > 0 and r['efficient MB'] > 0 for r in rows)
+        # tiny cases may reuse memory the process already holds: their peak growth can be 0
+        assert all(r['dense ms'] > 0 and r['efficient MB'] >= 0 for r in rows)
         assert {r['path'] for r in rows} == {'lowrank', 'fused'}
     assert all(r['max rel diff'] < 1e-4 for r in load(tmp_path / 'nl_operators.json', 4))
 
