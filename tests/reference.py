@@ -91,7 +91,7 @@ def pide_block(block, x):
     for conv, bn in zip(block.convs, block.norms):
         vk = max_pool(out, p) if p > 1 else out
         sigma = block.embed_scale
-        agg = aggregate(theta.flatten(2) / sigma, phi_k.flatten(2) / sigma, out.flatten(2), vk.flatten(2), block.operator,
-                        block.s, block.n, block.lam, block.kernel, block.normalizer)
+        agg = aggregate(theta.flatten(2) / sigma, phi_k.flatten(2) / sigma, out.flatten(2), vk.flatten(2),
+                        block.operator, block.s, block.n, block.lam, block.kernel, block.normalizer)
         out = x + block.h * torch.relu(batch_norm_eval(conv1x1(agg.view(b, c, hh, ww), conv), bn))
     return out
