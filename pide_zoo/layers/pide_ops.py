@@ -548,9 +548,9 @@ def _lowrank_diffusion(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tenso
 class _KernelSpec:
     """How one operator's tile is formed and differentiated: W(x) and dW/dx = b * Wd(x).
 
-    ``embed_scale`` sigma is folded into the constants (kernels of theta / sigma, phi / sigma): x is
-    theta.phi / sigma^2 or |theta - phi|^2 / sigma^2, so a gains sigma^power for the power kernels, the log
-    kernel's gamma loses log sigma^2, and lam / sigma^2 multiplies the dot products.
+    ``embed_scale`` sigma (the kernel of theta / sigma, phi / sigma) is folded into the constants, so the tiles
+    keep the unscaled x: a gains sigma^power for the power kernels, the log kernel's gamma loses log sigma^2,
+    and lam / sigma^2 multiplies the dot products.
     """
 
     def __init__(self, operator: str, s: Optional[float], n: int, lam: float, kernel: str,
