@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument('work_dirs', nargs='+', help='tools/train.py work dirs of finished demo runs')
     parser.add_argument('--out', default=osp.join(ROOT, 'docs', 'benchmarks', 'demo_longrange.json'))
     parser.add_argument('--threads', type=int, default=1, help='threads the runs used (recorded)')
+    parser.add_argument('--notes', default='', help='how the runs were made (recorded under the table)')
     args = parser.parse_args(argv)
     rows, errors = [], []
     for work_dir in args.work_dirs:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
                f'python tools/demo_table.py {" ".join(shlex.quote(w) for w in args.work_dirs)}')
     write_table(Path(args.out), SimpleNamespace(command=command, device='cpu'),
                 'demo_longrange', 'The long-range demo: 600 iterations, batch 8, seed 0, validation at the end',
-                COLUMNS, rows, notes='s / iter: mean over the run, as mmengine logged it.')
+                COLUMNS, rows, notes=f's / iter: mean over the run, as mmengine logged it. {args.notes}'.strip())
     return 0
 
 
