@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     command = ('.venv/bin/python tools/train.py configs/<config> --work-dir work_dirs/demo_<run> '
-               '[--cfg-options model.backbone.block_cfg.operator=<operator>]; '
+               '[--cfg-options model.backbone.block_cfg.operator=<operator> '
+               'model.backbone.block_cfg.kernel_scale=<kernel_scale>]; '
                f'python tools/demo_table.py {" ".join(shlex.quote(w) for w in args.work_dirs)}')
     write_table(Path(args.out), SimpleNamespace(command=command, device='cpu'),
                 'demo_longrange', 'The long-range demo: 600 iterations, batch 8, seed 0, validation at the end',
