@@ -52,6 +52,8 @@ def test_render_table_has_header_rows_command_and_environment():
     assert lines[3] == '| NonLocal2d \\| EG | 6,586 | – | 1.00× |'  # pipes escaped, thousands, null as a dash
     assert 'Command: `python benchmarks/bench_toy.py --repeats 3`' in text
     assert 'Measured on Toy CPU (2 CPUs), 2 threads, torch 2.14.1, cpu, 2026-12-05.' in text
+    one = rt.render_table({**RESULT, 'environment': {**RESULT['environment'], 'threads': 1}})
+    assert 'Measured on Toy CPU (2 CPUs), 1 thread, torch' in one
     assert text.endswith('Each case in a fresh process.')
 
 

@@ -83,7 +83,7 @@ def render_table(data: Dict[str, Any]) -> str:
     lines += ['| ' + ' | '.join(format_cell(v) for v in row) + ' |' for row in data['rows']]
     env = data['environment']
     lines += ['', f'Command: `{data["command"]}`  ',
-              f'Measured on {env["cpu"]}, {env["threads"]} threads, torch {env["torch"]}, '
+              f'Measured on {env["cpu"]}, {env["threads"]} thread{"s" * (env["threads"] != 1)}, torch {env["torch"]}, '
               f'{env["device"]}, {env["date"]}.']
     if data.get('notes'):
         lines += ['', data['notes']]
