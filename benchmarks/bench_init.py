@@ -4,7 +4,8 @@ For each operator, width C and kernel form (``kernel_scale`` 'paper': the paper'
 default, distances in units that follow the embedding width), ``PIDEBlock(C, operator=..., kernel_scale=...)`` in
 training mode gets x = ReLU(N(0, 1)) of shape (4, C, 16, 16) and a fixed random linear loss L = sum(out * R):
 
-* ``pre-BN std``: std of K_1 A, the first batch norm's input (far below its sqrt(eps) = 3.2e-3 it passes ~nothing);
+* ``pre-BN std``: std of K_1 A, the first batch norm's input (far below its sqrt(eps) it passes ~nothing; the block
+  alone has PyTorch's eps = 1e-5, sqrt 3.2e-3; the paper's networks the authors' eps = 1e-3, sqrt 3.2e-2);
 * ``‖B−X‖/‖X‖``: how far the block moves its input (Frobenius norms);
 * ``grad theta``, ``grad K_1``: ||dL/dW|| / ||W|| of the theta embedding's and the first stage's 1x1 conv weights.
 
@@ -24,6 +25,7 @@ import torch
 OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
 WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 FORMS = ('paper', 'width')
+EPS = torch.nn.BatchNorm2d(1).eps  # PIDEBlock's default norm_layer
 
 
 def init_stats(operator: str, channels: int, form: str, seed: int, device: Any) -> list[float]:
@@ -63,8 +65,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     harness.write_table(
         args.out, args, 'block_init', 'PIDEBlock at initialisation: x = ReLU(N(0,1)), (4, C, 16, 16), training mode',
         ['operator', 'C', 'kernel_scale', 'pre-BN std', '‖B−X‖/‖X‖', 'grad theta', 'grad K_1'], rows,
-        f"median over {args.repeats} seed(s); pre-BN std: std of K_1 A, the first batch norm's input (sqrt(eps) = "
-        '3.2e-3); grad: ||dL/dW|| / ||W||, L = sum(out * R)')
+        f"median over {args.repeats} seed(s); pre-BN std: std of K_1 A, the first batch norm's input (PIDEBlock's "
+        f"default batch norm, PyTorch's eps = {EPS:g}, sqrt(eps) = {EPS ** 0.5:.2g}; the paper's networks use the "
+        "authors' eps = 1e-3, sqrt(eps) = 3.2e-2); grad: ||dL/dW|| / ||W||, L = sum(out * R)")
 
 
 if __name__ == '__main__':

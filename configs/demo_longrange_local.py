@@ -13,6 +13,7 @@ model = dict(
         depths=(2, 2, 2),
         widths=(16, 32, 32),
         h=0.1,
+        bn_tf=False,  # not the paper's network: PyTorch's batch norm, for which kernel_scale='width' is calibrated
         nonlocal_after=1),  # demo_longrange.py's blocks go mid-Unit: the Hamiltonian blocks use what they bring
     decode_head=dict(in_channels=32, channels=32, num_classes=4))
 custom_hooks = []  # no per-pixel mean image here

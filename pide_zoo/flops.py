@@ -123,6 +123,7 @@ ZERO_COST_OPS = (
     'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::empty_like', 'aten::lt', 'aten::le',
     'aten::ne', 'aten::sign', 'aten::clone', 'aten::alias', 'aten::expand_as', 'aten::reshape_as',
     'aten::masked_fill', 'aten::masked_fill_',
+    'aten::pad', 'aten::ceil',  # TensorFlow-'same' padding (resnet44_cifar): a copy, and its size arithmetic
     'aten::dropout', 'aten::feature_dropout',  # identities in eval mode (mmseg heads' Dropout2d)
 )
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .data.classification import DATASETS, dataset_info
 from .layers import smoothness_penalty
+from .models._paper_norm import bn_settings, check_bn_settings
 
 __all__ = [
     'PAPER_SCHEDULE', 'PAPER_RECIPES', 'WD_PARAMS', 'CHECKPOINT_FORMAT', 'keras_l2_to_weight_decay',
@@ -129,7 +130,8 @@ def compute_loss(model: nn.Module, output: Tensor, target: Tensor, loss_fn: Call
 class ClsCheckpointSaver(CheckpointSaver):
     """timm's :class:`~timm.utils.CheckpointSaver` writing checkpoints that ``torch.load(weights_only=True)``
     reads and that rebuild their model: ``meta`` (model name, its keyword arguments, dataset, data mean,
-    run arguments as plain data) is stored next to the usual entries."""
+    run arguments as plain data) is stored next to the usual entries, and ``batch_norm`` (the model's eps and
+    momentum), which timm's loaders would strip from the state dict's metadata."""
 
     def __init__(self, *args, meta: Dict[str, Any], **kwargs):
         super().__init__(*args, **kwargs)
@@ -140,6 +142,9 @@ class ClsCheckpointSaver(CheckpointSaver):
         state.update(
             format=CHECKPOINT_FORMAT, epoch=epoch, version=2,  # version 2: resume starts at epoch + 1
             state_dict=get_state_dict(self.model, self.unwrap_fn), optimizer=self.optimizer.state_dict())
+        bn = bn_settings(self.unwrap_fn(self.model))
+        if bn is not None:
+            state['batch_norm'] = bn
         if self.model_ema is not None:
             state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
         if self.amp_scaler is not None:
@@ -256,6 +261,7 @@ def _model_from_checkpoint(ckpt: Dict[str, Any], source: str, use_ema: bool) -> 
         parts = ', '.join(f'{len(keys)} {what} (first: {keys[0]})' for what, keys in mismatch)
         raise CheckpointError(f"{source}: its {key} does not fit {ckpt['arch']} {ckpt['model_kwargs']}: "
                               f'{parts} weights')
+    check_bn_settings(model, ckpt.get('batch_norm'), source, recorded='batch_norm' in ckpt)
     model.load_state_dict(state)
     return model
 

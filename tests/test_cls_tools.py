@@ -6,6 +6,7 @@ import json
 import os
 import os.path as osp
 import pickle
+import re
 import subprocess
 import sys
 
@@ -340,6 +341,25 @@ def test_load_model_from_a_train_cls_checkpoint(tmp_path):
         load_model(path, 'hamiltonian74', dict(num_classes=3))
 
 
+def test_load_model_warns_for_a_checkpoint_with_other_batch_norm(tmp_path, monkeypatch):
+    from pide_zoo.models import _paper_norm
+
+    monkeypatch.setattr(_paper_norm, '_warned', set())
+    path = str(tmp_path / 'old.pth.tar')
+    saved = _cls_checkpoint(path)  # as written before the record: no top-level batch_norm
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['state_dict'] = dict(ckpt['state_dict'])  # and its metadata stripped
+    torch.save(ckpt, path)
+    with pytest.warns(UserWarning, match=rf"{re.escape(path)}: this state dict records no batch-norm settings"):
+        load_model(path)
+    ckpt['batch_norm'] = dict(eps=1e-5, momentum=0.1)
+    torch.save(ckpt, path)
+    with pytest.warns(UserWarning, match=rf'{re.escape(path)}: .* trained with batch norm eps=1e-05, momentum=0.1 '
+                                         r'but the model uses eps=0\.001, momentum=0\.01; build it with bn_tf=False'):
+        model, _ = load_model(path)
+    assert _same_weights(model, saved)
+
+
 def test_load_model_from_a_name_with_or_without_a_state_dict(tmp_path):
     torch.manual_seed(1)
     resnet = timm.create_model('resnet44_cifar', num_classes=100)
@@ -408,6 +428,8 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
     b = read_checkpoint(str(tmp_path / 'b' / 'last.pth.tar'))
     assert a['arch'] == 'hamiltonian74' and a['epoch'] == b['epoch'] == 1
     assert a['model_kwargs'] == dict(num_classes=10, img_size=32, depths=(2, 1, 1), widths=(8, 8, 16))
+    # the batch-norm settings at the top level, where timm's loaders do not strip them
+    assert a['batch_norm'] == dict(eps=1e-3, momentum=pytest.approx(0.01))
     for key in ('state_dict', 'state_dict_ema'):  # the resumed run continued exactly
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key

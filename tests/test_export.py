@@ -31,6 +31,7 @@ def _calibrate_norms(model, size, seed=0):
     1e-4 tolerance is as strict as for a trained network (fresh deep ResNets reach logits of ~1e3)."""
     gen = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
@@ -38,8 +39,8 @@ def _calibrate_norms(model, size, seed=0):
     with torch.no_grad():
         for _ in range(3):
             model(_images(8, *size, generator=gen))
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     return model.eval()
 
 

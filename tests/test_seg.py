@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
 from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample  # noqa: E402
 from pide_zoo.layers import PIDEBlock  # noqa: E402
+from pide_zoo.models import _paper_norm  # noqa: E402
 from pide_zoo.seg.datasets import make_longrange_sample  # noqa: E402
 from pide_zoo.training import load_model  # noqa: E402
 
@@ -142,6 +144,43 @@ def test_backbone_block_cfg_reaches_every_block_unchanged():
         _backbone(block_cfg=dict(channels=8))
     with pytest.raises(TypeError, match='wave'):  # PIDEBlock's own check of an unknown argument
         _backbone(block_cfg=dict(wave=1))
+
+
+def _bn_settings(module):
+    return {(m.eps, m.momentum) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def test_backbone_is_the_authors_network_h_and_batch_norm_reach_every_block():
+    backbone = _backbone(h=0.05, block_cfg=dict(operator='log'))
+    assert [b.h for b in _blocks(backbone)] == [0.05] * 3
+    assert {b.h for b in backbone.body.modules() if type(b).__name__ == 'HamiltonianBlock'} == {0.05}
+    assert _bn_settings(backbone) == {(1e-3, 1 - 0.99)}  # Keras's, the nonlocal blocks' included
+    assert [b.h for b in _blocks(_backbone(h=0.05, block_cfg=dict(operator='log', h=0.3)))] == [0.3] * 3
+    assert _bn_settings(_backbone(bn_tf=False, block_cfg={})) == {(1e-5, 0.1)}
+    for config in ('bdd100k_pide_frac.py', 'bdd100k_hamiltonian74.py', 'bdd100k_resnet44.py'):
+        assert _bn_settings(_build(config).backbone) == {(1e-3, 1 - 0.99)}, config
+    # the demo is not the paper's network: PyTorch's batch norm, for which its kernel form is calibrated
+    demo = _build('demo_longrange.py')
+    assert _bn_settings(demo.backbone) == {(1e-5, 0.1)} and [b.h for b in _blocks(demo)] == [0.5] * 3
+    # PIDEHead and its configs keep PyTorch's too
+    head = _build('pidehead/pidehead-frac_r50-d8_4xb2-40k_cityscapes-512x1024.py').decode_head
+    assert {eps for eps, _ in _bn_settings(_blocks(head)[0])} == {1e-5}
+
+
+def test_backbone_checkpoint_records_batch_norm_through_mmengine(tmp_path):
+    from mmengine.runner import load_checkpoint, save_checkpoint
+
+    model = _build('bdd100k_pide_log.py')
+    path = str(tmp_path / 'ckpt.pth')
+    save_checkpoint(dict(state_dict=model.state_dict()), path)
+    _paper_norm._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        load_checkpoint(_build('bdd100k_pide_log.py'), path)
+        load_checkpoint(_build('bdd100k_pide_log.py', **{'model.backbone.bn_tf': False}), path)
+    msgs = [str(w.message) for w in caught if 'batch norm' in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].startswith('backbone.body: this state dict was trained with batch norm '
+                                                 'eps=0.001'), msgs
 
 
 def test_backbone_old_argument_names_still_work_with_a_warning():

@@ -7,33 +7,61 @@ Papers:
 Layouts of the widely used Keras CIFAR recipes: ``resnet44_cifar`` is ResNet v1 of depth 6n + 2 = 44
 (16/32/64 channels, 0.66 M parameters), ``preresnet20_cifar`` ResNet v2 of depth 9n + 2 = 20 with
 pre-activation bottlenecks (64/128/256 output channels, 0.57 M). Downsampling shortcuts are 1x1
-convolutions without normalisation; the head is global average pooling and a linear classifier.
+convolutions without normalisation; the head is global average pooling and a linear classifier. As the
+authors' Keras code: batch norm with eps 1e-3, momentum 0.01 and TensorFlow's 'same' padding (on an even
+size a stride-2 3x3 convolution pads 0 before and 1 after).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ._paper_norm import BatchNormRecordMixin, paper_norm_layer
 from ._staged import StagedFeaturesMixin
 from .hamiltonian_net import CIFAR10_MEAN, CIFAR100_MEAN, STL10_MEAN, UNIT_STD, _check_input
 
-__all__ = ['CifarResNet', 'BasicBlockV1', 'PreActBottleneck']
+__all__ = ['CifarResNet', 'BasicBlockV1', 'PreActBottleneck', 'TFSameConv2d']
 
-torch.fx.wrap('_check_input')  # a leaf of traced graphs
+
+
+def _pad_same(x: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+              dilation: Tuple[int, int]) -> Tensor:
+    return pad_same(x, kernel_size, stride, dilation)
+
+
+# Leaves of traced graphs: the input check, and the size-dependent 'same' padding.
+torch.fx.wrap('_check_input')
+torch.fx.wrap('_pad_same')
+
+
+class TFSameConv2d(Conv2dSame):
+    """timm's TensorFlow-'same' convolution, its padding a leaf of ``torch.fx`` graphs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class BasicBlockV1(nn.Module):
-    """conv-BN-ReLU, conv-BN, add, ReLU (ResNet v1)."""
+    """conv-BN-ReLU, conv-BN, add, ReLU (ResNet v1).
+
+    ``pad_type='same'`` pads the first convolution as TensorFlow's 'same' (asymmetric at stride 2 on even
+    sizes); ``''`` pads 1 on every side.
+    """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, norm_layer=nn.BatchNorm2d,
-                 act_layer=nn.ReLU, device=None, dtype=None):
+                 act_layer=nn.ReLU, pad_type: str = '', device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, **dd)
+        # At stride 1 'same' is 1 on every side.
+        self.conv1 = TFSameConv2d(in_chs, out_chs, 3, stride, **dd) if pad_type == 'same' and stride > 1 \
+            else nn.Conv2d(in_chs, out_chs, 3, stride, 1, **dd)
         self.bn1 = norm_layer(out_chs, **dd)
         self.act1 = act_layer()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, 1, 1, **dd)
@@ -74,7 +102,7 @@ class PreActBottleneck(nn.Module):
         return y + self.shortcut(x)
 
 
-class CifarResNet(StagedFeaturesMixin, nn.Module):
+class CifarResNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
     """ResNet v1 (basic blocks) or v2 (pre-activation bottlenecks) for small images.
 
     Args:
@@ -86,7 +114,16 @@ class CifarResNet(StagedFeaturesMixin, nn.Module):
         downsample: stride 2 at the first block of Units 2 and 3 (False: segmentation layout).
         global_pool: ``'avg'`` or ``''``.
         drop_rate: dropout before the classifier.
+        bn_tf: batch norm with the authors' (Keras's) eps = 1e-3 and momentum 0.01 (True, default), or
+            PyTorch's eps = 1e-5 and momentum 0.1 (False, pide_zoo 0.2 and earlier).
+        pad_type: ``'same'`` (default) pads the stride-2 3x3 convolutions as TensorFlow's 'same', as the
+            authors' Keras code; ``''`` pads 1 on every side (pide_zoo 0.2 and earlier). Parameters and FLOPs
+            are the same.
+        norm_layer: normalisation layer (default: batch norm as ``bn_tf`` says; given, it wins over ``bn_tf``).
+        act_layer: activation.
     """
+
+    legacy_kwargs = "bn_tf=False, pad_type=''"  # how to build a network as pide_zoo 0.2 did
 
     def __init__(
             self,
@@ -98,12 +135,18 @@ class CifarResNet(StagedFeaturesMixin, nn.Module):
             downsample: bool = True,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
-            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            bn_tf: bool = True,
+            pad_type: str = 'same',
+            norm_layer: Optional[Callable[..., nn.Module]] = None,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             device=None,
             dtype=None,
     ):
         super().__init__()
+        norm_layer = paper_norm_layer(norm_layer, bn_tf)
+        if pad_type not in ('same', ''):
+            raise ValueError(f"pad_type must be 'same' (TensorFlow's, the authors') or '' (1 on every side), "
+                             f"got {pad_type!r}")
         if version not in (1, 2):
             raise ValueError(f'version must be 1 or 2, got {version!r}')
         per = 6 if version == 1 else 9
@@ -125,7 +168,8 @@ class CifarResNet(StagedFeaturesMixin, nn.Module):
             if version == 1:
                 width = base_width * 2 ** i
                 for j in range(n):
-                    blocks.append(BasicBlockV1(prev, width, stride if j == 0 else 1, norm_layer, act_layer, **dd))
+                    blocks.append(BasicBlockV1(prev, width, stride if j == 0 else 1, norm_layer, act_layer,
+                                               pad_type=pad_type, **dd))
                     prev = width
             else:
                 mid = base_width * 2 ** (i + 1) if i > 0 else base_width
@@ -146,6 +190,7 @@ class CifarResNet(StagedFeaturesMixin, nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
                 nn.init.zeros_(m.bias)
+        self._record_bn_settings()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..layers.hamiltonian import HamiltonianUnit
 from ..layers.nonlocal_block import PIDEBlock
 from ..layers.pide_ops import resolve_operator
+from ._paper_norm import BatchNormRecordMixin, paper_norm_layer
 from ._staged import StagedFeaturesMixin
 
 __all__ = ['HamiltonianNet', 'CIFAR10_MEAN', 'CIFAR100_MEAN', 'STL10_MEAN', 'paper_geometry']
@@ -74,8 +75,12 @@ class Transition(nn.Sequential):
         super().__init__(layers)
 
 
-class HamiltonianNet(StagedFeaturesMixin, nn.Module):
+class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
     """Hamiltonian CNN with optional PIDE nonlocal blocks (Bohn, Griebel & Kannan 2021).
+
+    Built as the authors' code builds it: every batch norm, the PIDE blocks' included, with Keras's defaults
+    (eps 1e-3, momentum 0.01; ``bn_tf=False`` for PyTorch's), and the network's ``h`` in its Hamiltonian and
+    its PIDE blocks.
 
     Args:
         num_classes: classifier outputs (0 for no classifier).
@@ -83,7 +88,7 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         img_size: input size the flatten head is built for (int or (H, W)).
         depths: Hamiltonian blocks m per Unit.
         widths: channels per Unit.
-        h: step size of the Hamiltonian blocks.
+        h: step size of the Hamiltonian blocks and of the PIDE blocks (unless ``nonlocal_kwargs`` sets another).
         stem_chs: stem width (default: first Unit width).
         downsample: average-pool between Units (False keeps the spatial size, the segmentation layout).
         nonlocal_operator: PIDE operator of the nonlocal blocks, or None for the purely local network.
@@ -91,16 +96,23 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         nonlocal_after: position in each Unit (number of Hamiltonian blocks before it).
         nonlocal_stages: stages S of each nonlocal block (Table 2: 4).
         nonlocal_subsample: key max-pool size (default from ``img_size``: 2 at 32 px, 4 at 96 px).
-        nonlocal_kwargs: further :class:`PIDEBlock` arguments (``h``, ``lam``, ``s``, ``kernel``, ``method``...).
+        nonlocal_kwargs: further :class:`PIDEBlock` arguments (``lam``, ``s``, ``kernel``, ``method``...); ``h``
+            and ``norm_layer`` here override the network's for the PIDE blocks.
             The paper's networks keep its exact kernel, ``kernel_scale='paper'``, unless this sets another
             (``'width'`` keeps the distance kernels' signal above batch norm's eps at any width).
         head_pool: average pool before the flatten head (default from ``img_size``: 2 at 32 px, 8 at 96 px).
         global_pool: ``'flatten'`` (the paper's pool + flatten), ``'avg'`` (global average) or ``''`` (none).
         drop_rate: dropout before the classifier.
         reversible: recompute Hamiltonian activations in the backward pass instead of storing them.
-        norm_layer, act_layer: layer types.
+        bn_tf: batch norm with the authors' (Keras's) eps = 1e-3 and momentum 0.01 (True, default), or
+            PyTorch's eps = 1e-5 and momentum 0.1 (False, the paper networks of pide_zoo 0.2 and earlier).
+        norm_layer: normalisation layer of the whole network, PIDE blocks included (default: batch norm as
+            ``bn_tf`` says; given, it wins over ``bn_tf``).
+        act_layer: activation.
         transpose_bias: add the conv bias again after K^T (the authors' code).
     """
+
+    legacy_kwargs = 'bn_tf=False'  # how to build a network as pide_zoo 0.2 did
 
     def __init__(
             self,
@@ -122,7 +134,8 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
             global_pool: str = 'flatten',
             drop_rate: float = 0.0,
             reversible: bool = False,
-            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            bn_tf: bool = True,
+            norm_layer: Optional[Callable[..., nn.Module]] = None,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             transpose_bias: bool = True,
             device=None,
@@ -136,6 +149,7 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
         dd = dict(device=device, dtype=dtype)
+        norm_layer = paper_norm_layer(norm_layer, bn_tf)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -150,8 +164,10 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
                 raise ValueError(f'nonlocal_units must hold Unit indices in [0, {len(widths)}), got {nonlocal_units}')
         nl_layer = None
         if self.nonlocal_operator is not None:
+            # The authors pass the network's h and batch norm to the nonlocal blocks too.
+            nl_args = dict(kernel_scale='paper', h=h, norm_layer=norm_layer)
             nl_layer = partial(PIDEBlock, operator=self.nonlocal_operator, stages=nonlocal_stages,
-                               subsample=subsample, **{'kernel_scale': 'paper', **(nonlocal_kwargs or {})})
+                               subsample=subsample, **{**nl_args, **(nonlocal_kwargs or {})})
 
         stem_chs = stem_chs or widths[0]
         self.stem = nn.Sequential(OrderedDict(
@@ -180,6 +196,7 @@ class HamiltonianNet(StagedFeaturesMixin, nn.Module):
         self.global_pool_type = global_pool
         self._build_head(num_classes, global_pool, **dd)
         self._init_weights()
+        self._record_bn_settings()
 
     def _head_features(self, global_pool: str) -> int:
         if global_pool != 'flatten':

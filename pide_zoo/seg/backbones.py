@@ -65,7 +65,9 @@ class PIDEHamiltonianNet(BaseModule):
 
     Args:
         in_channels: image channels.
-        depths, widths, h: Units of the network (Hamiltonian-74: (6, 6, 6), (32, 64, 112), 0.06).
+        depths, widths, h: Units of the network (Hamiltonian-74: (6, 6, 6), (32, 64, 112), 0.06); ``h`` is the
+            step of the Hamiltonian and the nonlocal blocks, as the authors' code (``block_cfg.h`` overrides it
+            for the nonlocal blocks).
         downsample: average-pool between Units (the paper's segmentation network does not).
         block_cfg: :class:`~pide_zoo.layers.PIDEBlock` arguments of the nonlocal blocks, e.g.
             ``dict(operator='frac_laplacian')``; None (the default) builds the purely local network.
@@ -74,6 +76,8 @@ class PIDEHamiltonianNet(BaseModule):
         nonlocal_units: Units that get a nonlocal block (the paper: every Unit).
         nonlocal_after: position in each Unit, as the number of Hamiltonian blocks before it (the paper: 2).
         reversible: reversible back-propagation through the Hamiltonian blocks.
+        bn_tf: batch norm with the authors' (Keras's) eps = 1e-3 and momentum 0.01 in every block, the
+            nonlocal ones included (True, default); False: PyTorch's eps = 1e-5, momentum 0.1 (pide_zoo 0.2).
         out_indices: Units whose outputs are returned.
         init_cfg: mmengine initialisation config (default: the He-normal init of the blocks).
         nonlocal_operator, nonlocal_stages, nonlocal_subsample, nonlocal_cfg: deprecated spellings of
@@ -97,6 +101,7 @@ class PIDEHamiltonianNet(BaseModule):
             nonlocal_units: Sequence[int] = (0, 1, 2),
             nonlocal_after: int = 2,
             reversible: bool = False,
+            bn_tf: bool = True,
             out_indices: Sequence[int] = (2,),
             init_cfg: Optional[Dict[str, Any]] = None,
             nonlocal_operator: Optional[str] = None,
@@ -122,7 +127,7 @@ class PIDEHamiltonianNet(BaseModule):
         self.body = HamiltonianNet(
             num_classes=0, in_chans=in_channels, depths=depths, widths=widths, h=h, downsample=downsample,
             nonlocal_units=nonlocal_units, nonlocal_after=nonlocal_after, global_pool='', reversible=reversible,
-            **nonlocal_args)
+            bn_tf=bn_tf, **nonlocal_args)
         self.body.fc = None  # no classifier; keeps checkpoints free of unused parameters
         self.body.global_pool = None
         self.body.head_drop = None
