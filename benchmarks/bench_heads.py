@@ -24,7 +24,8 @@ from typing import Any, Optional
 import harness
 import torch
 
-OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
+from pide_zoo.layers import OPERATORS  # the operator table's paper operators
+
 MMSEG_CONFIGS = {'NLHead': 'nonlocal_r50-d8.py', 'GCHead': 'gcnet_r50-d8.py', 'DNLHead': 'dnl_r50-d8.py',
                  'CCHead': 'ccnet_r50-d8.py', 'FCNHead': 'fcn_r50-d8.py'}
 HEADS = ('PIDEHead',) + tuple(MMSEG_CONFIGS)

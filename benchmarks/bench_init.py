@@ -22,7 +22,8 @@ from typing import Any, Optional
 import harness
 import torch
 
-OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
+from pide_zoo.layers import OPERATORS  # the operator table's paper operators
+
 WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 FORMS = ('paper', 'width')
 EPS = torch.nn.BatchNorm2d(1).eps  # PIDEBlock's default norm_layer
@@ -65,9 +66,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     harness.write_table(
         args.out, args, 'block_init', 'PIDEBlock at initialisation: x = ReLU(N(0,1)), (4, C, 16, 16), training mode',
         ['operator', 'C', 'kernel_scale', 'pre-BN std', '‖B−X‖/‖X‖', 'grad theta', 'grad K_1'], rows,
-        f"median over {args.repeats} seed(s); pre-BN std: std of K_1 A, the first batch norm's input (PIDEBlock's "
-        f"default batch norm, PyTorch's eps = {EPS:g}, sqrt(eps) = {EPS ** 0.5:.2g}; the paper's networks use the "
-        "authors' eps = 1e-3, sqrt(eps) = 3.2e-2); grad: ||dL/dW|| / ||W||, L = sum(out * R)")
+        f"median over {args.repeats} seed(s); pre-BN std: std of K_1 A, the first batch norm's input (a "
+        f"PIDEBlock's, eps = {EPS:g}, sqrt(eps) = {EPS ** 0.5:.2g}); grad: ||dL/dW|| / ||W||, L = sum(out * R)")
 
 
 if __name__ == '__main__':

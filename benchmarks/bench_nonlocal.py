@@ -31,7 +31,8 @@ import harness
 import torch
 import torch.nn.functional as F
 
-OPERATORS = ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log')
+from pide_zoo.layers import OPERATORS  # the operator table's paper operators
+
 TABLES = ('operators', 'blocks', 'peers', 'flex')
 FLEX_OPERATORS = ('frac_laplacian', 'inv_frac_laplacian')
 LAM = 0.1
@@ -77,7 +78,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
 def flex_aggregate(theta: Any, phi: Any, v_query: Any, v_key: Any, operator: str, flex: Any) -> Any:
     """``nonlocal_aggregate`` (normalizer 'key') of a positive kernel through FlexAttention (module docstring)."""
-    from pide_zoo.layers.pide_ops import pide_constant
+    from pide_zoo.layers import pide_constant
 
     s = 0.5  # the paper's order for both operators, n = 2
     power = 2 + 2 * s if operator == 'frac_laplacian' else 2 - 2 * s

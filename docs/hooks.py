@@ -1,5 +1,6 @@
 """MkDocs hook: the tools' command-line options, from their ``--help``, generated when the site is built (and the
-API page's constants, listed from each module's ``__all__``).
+API page's constants, listed from each module's ``__all__``, and the operator table, ``<!-- operator-table -->``,
+read from :mod:`pide_zoo.layers.ops.table`).
 
 A page says ``<!-- help: tools/NAME.py -->``, on a line of its own, where the options go; the hook runs
 ``python tools/NAME.py --help`` (all of them in one process, before the pages are read) and puts the output there
@@ -84,9 +85,37 @@ def _constants(module: str) -> str:
     return '\n'.join(f'::: {module}.{name}\n{options}' for name in names if name.isupper())
 
 
+OPERATOR_TABLE = re.compile(r'^<!--\s*operator-table\s*-->[ \t]*$', re.MULTILINE)
+FORMS = {'difference': 'Σ_j w_ij (V_j − V_i)', 'negated_difference': 'Σ_j w_ij (V_i − V_j)', 'sum': 'Σ_j w_ij V_j'}
+
+
+def operator_table() -> str:
+    """The operator table as Markdown, one row per registered operator."""
+    from pide_zoo.layers.ops import table
+
+    rows = ['| operator | aliases | x | W(x) | form | s (default) | c (n = 2, default s) | τ | row sums | kernels |',
+            '|---|---|---|---|---|---|---|---|---|---|']
+    for name in table.operator_names():
+        op = table.get_operator(name)
+        s = op.default_s(2)
+        x = '\\|θ_i − φ_j\\|²' if op.variable == 'distance' else 'θ_i · φ_j'
+        rows.append(
+            f"| `{name}` | {', '.join(f'`{a}`' for a in op.aliases)} | {x} | {op.formula or '–'} | "
+            f"{FORMS[op.form]} | {'–' if s is None else f'{s:g}'} | {op.pide_constant(s, 2, op.params):.6g} | "
+            f"{f'{op.tau:g}' if op.variable == 'distance' else '–'} | {'yes' if op.needs_rowsum('key') else 'no'} | "
+            f"{', '.join(f'`{k}`' for k in op.kernels) or '–'} |")
+    return '\n'.join(rows)
+
+
 def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
-    """Replace each marker by its tool's ``--help`` output, and each constants marker by API entries."""
+    """Replace each marker by its tool's ``--help`` output, each constants marker by API entries and the
+    operator-table marker by the table."""
     markdown = CONSTANTS.sub(lambda m: _constants(m['module']), markdown)
+    if OPERATOR_TABLE.search(markdown):
+        try:
+            markdown = OPERATOR_TABLE.sub(lambda m: operator_table(), markdown)
+        except ImportError as e:  # a docs-only build without torch
+            markdown = OPERATOR_TABLE.sub(f'!!! note\n    The operator table needs pide_zoo installed ({e}).', markdown)
 
     def block(match: re.Match) -> str:
         tool = match['path']

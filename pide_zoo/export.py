@@ -75,7 +75,7 @@ def fix_tile_sizes(model: nn.Module, example: Tensor) -> List[nn.Module]:
     serves every batch size. The number of tiles still follows the spatial size, which then stays fixed.
     Returns the blocks changed.
     """
-    from .layers.pide_ops import query_tile
+    from .layers.ops import query_tile
 
     keys = {}
 

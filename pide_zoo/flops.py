@@ -45,7 +45,7 @@ with warnings.catch_warnings():
     from fvcore.nn.jit_handles import Handle, get_shape
 
 from .layers.nonlocal_block import PIDEBlock
-from .layers.pide_ops import resolve_method
+from .layers.ops import resolve_method
 
 __all__ = [
     'DATASETS', 'PAPER_NAMES', 'PAPER_TABLE4', 'PAPER_PARAMS', 'PAPER_SEG_PARAMS', 'TABLE4_MODELS', 'ALL_MODELS',

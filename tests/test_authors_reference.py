@@ -20,7 +20,7 @@ TOL = 1e-12
 PSEUDO_MODELS = {2: 'nl_hamiltonian74_frac', 3: 'nl_hamiltonian74_invfrac', 4: 'nl_hamiltonian74_log'}
 # The authors' norm and affinity options as the blocks spell them.
 NORMS = {'norm1': {}, 'norm2': dict(normalizer='rowsum')}
-AFFINITIES = {'dot1': {}, 'dot2': dict(normalizer='rowsum'), 'embed_gaussian': dict(kernel='gaussian',
+AFFINITIES = {'dot1': {}, 'dot2': dict(normalizer='rowsum'), 'embed_gaussian': dict(kernel='embedded_gaussian',
                                                                                     normalizer='rowsum')}
 OPERATOR_TYP = {'frac_laplacian': 2, 'inv_frac_laplacian': 3, 'log': 4}
 

@@ -119,3 +119,18 @@ def test_tool_options_come_from_their_help(site):
             elif not generated:
                 assert f'python {tool} --help</code> could not run' in html
     assert seen >= 10
+
+
+def test_operators_page_renders_the_operator_table(site):
+    """The operators page shows the table itself: each paper operator with its form, order and width scale."""
+    from pide_zoo.layers import get_operator
+
+    html = (site / 'operators' / 'index.html').read_text(encoding='utf-8')
+    assert '&lt;!-- operator-table' not in html and '<!-- operator-table' not in html
+    for name, cells in (('diffusion', ['<code>embedded_gaussian</code>']), ('frac_laplacian', ['0.5', '1.5']),
+                        ('inv_frac_laplacian', ['0.159155']), ('log', ['0.0795775', '−log x − γ'])):
+        row = re.search(rf'<tr>\s*<td><code>{name}</code></td>(.*?)</tr>', html, re.S)
+        assert row, name
+        assert all(c in row[1] for c in cells), (name, row[1])
+        formula = re.sub(r'`([^`]*)`', r'<code>\1</code>', get_operator(name).formula)
+        assert formula in row[1], (formula, row[1])

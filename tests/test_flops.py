@@ -121,7 +121,7 @@ def test_fused_block_evaluates_the_kernel_per_stage(operator):
         assert by_op['baddbmm'] == s * e * n * m and by_op['bmm'] == s * c * n * m
 
 
-@pytest.mark.parametrize('kwargs', [dict(operator='diffusion', kernel='gaussian'),
+@pytest.mark.parametrize('kwargs', [dict(operator='diffusion', kernel='embedded_gaussian'),
                                     dict(operator='diffusion', normalizer='rowsum'),
                                     dict(operator='log', normalizer='rowsum', tile_size=16),
                                     dict(operator='inv_frac_laplacian', normalizer='query', symmetric=True)])

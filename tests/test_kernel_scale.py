@@ -17,7 +17,7 @@ from pide_zoo.layers.pide_ops import nonlocal_aggregate
 
 import reference
 
-CASES = [('diffusion', 'dot', None), ('diffusion', 'gaussian', None), ('frac_laplacian', 'dot', None),
+CASES = [('diffusion', 'dot', None), ('diffusion', 'embedded_gaussian', None), ('frac_laplacian', 'dot', None),
          ('frac_laplacian', 'dot', 0.3), ('inv_frac_laplacian', 'dot', 0.8), ('log', 'dot', None)]
 POWER = {'frac_laplacian': lambda s: 2 + 2 * s, 'inv_frac_laplacian': lambda s: 2 - 2 * s}
 
@@ -63,7 +63,7 @@ def test_width_scale():
     assert width_scale('frac_laplacian', 'dot', 64) == pytest.approx(1.5 * 8)
     assert width_scale('inv_frac_laplacian', 'dot', 64) == pytest.approx(1.5 * 8)
     assert width_scale('log', 'dot', 64) == pytest.approx(8)
-    assert width_scale('diffusion', 'gaussian', 64) == pytest.approx(64 ** 0.25)
+    assert width_scale('diffusion', 'embedded_gaussian', 64) == pytest.approx(64 ** 0.25)
     assert width_scale('diffusion', 'dot', 64) == 1.0
     block = PIDEBlock(32, operator='frac')
     assert block.kernel_scale == 'width' and block.embed_scale == pytest.approx(1.5 * 4)

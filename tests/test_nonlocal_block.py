@@ -9,7 +9,7 @@ from pide_zoo.layers import PIDEBlock
 
 import reference
 
-CASES = [('diffusion', 'dot'), ('diffusion', 'gaussian'), ('frac_laplacian', 'dot'),
+CASES = [('diffusion', 'dot'), ('diffusion', 'embedded_gaussian'), ('frac_laplacian', 'dot'),
          ('inv_frac_laplacian', 'dot'), ('log', 'dot')]
 
 
@@ -106,7 +106,8 @@ def test_parameter_count_matches_paper_layout():
     (dict(channels=8, stages=0), 'stages must be a positive int'),
     (dict(channels=8, h=-1), 'h must be a positive number'),
     (dict(channels=8, subsample=0), 'subsample must be a positive int'),
-    (dict(channels=8, kernel='gaussian', operator='log'), "kernel='gaussian' applies to operator 'diffusion'"),
+    (dict(channels=8, kernel='embedded_gaussian', operator='log'),
+     "kernel='embedded_gaussian' applies to operator 'diffusion'"),
     (dict(channels=8, normalizer='max'), 'normalizer must be one of'),
 ])
 def test_bad_constructor_arguments(kwargs, match):

@@ -201,8 +201,8 @@ def test_head_picks_its_input_by_in_index():
           normalizer='rowsum', method='dense', tile_size=16),
      dict(operator='frac_laplacian', s=0.3, n=3, stages=3, h=0.1, lam=0.2, embed_channels=2, subsample=3,
           symmetric=True, phi=None, normalizer='rowsum', method='dense', tile_size=16)),
-    (dict(operator='diffusion', kernel='gaussian', normalizer=2.0, subsample=1, tile_size=8),
-     dict(operator='diffusion', s=None, kernel='gaussian', normalizer=2.0, subsample=1, tile_size=8)),
+    (dict(operator='diffusion', kernel='embedded_gaussian', normalizer=2.0, subsample=1, tile_size=8),
+     dict(operator='diffusion', s=None, kernel='embedded_gaussian', normalizer=2.0, subsample=1, tile_size=8)),
     (dict(operator='log', kernel_scale='paper'), dict(operator='log', kernel_scale='paper', embed_scale=1.0)),
     (dict(operator='log', kernel_scale=3.0), dict(operator='log', kernel_scale=3.0, embed_scale=3.0)),
 ])
@@ -216,8 +216,8 @@ def test_every_block_argument_passes_through(block_args, want):
 def test_head_defaults_are_the_block_defaults():
     block = inspect.signature(PIDEBlock).parameters
     own = [p for p in inspect.signature(PIDEHead).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert [p.name for p in own] == ['operator', 's', 'n', 'stages', 'h', 'lam', 'embed_ratio', 'subsample',
-                                     'kernel', 'symmetric', 'normalizer', 'method', 'tile_size', 'kernel_scale']
+    assert [p.name for p in own] == ['operator', 's', 'n', 'stages', 'h', 'lam', 'embed_ratio', 'subsample', 'kernel',
+                                     'kernel_params', 'symmetric', 'normalizer', 'method', 'tile_size', 'kernel_scale']
     assert {p.name: p.default for p in own} == {p.name: block[p.name].default for p in own}
 
 

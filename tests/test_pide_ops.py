@@ -6,13 +6,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from pide_zoo.layers import pide_ops
+from pide_zoo.layers.ops import fused
 from pide_zoo.layers.pide_ops import nonlocal_aggregate, pide_constant, pide_kernel
 
 import reference
 
 OPS = ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']
 # (operator, kernel, s) combinations the paper uses plus a non-default order for each fractional one.
-CASES = [('diffusion', 'dot', None), ('diffusion', 'gaussian', None), ('frac_laplacian', 'dot', None),
+CASES = [('diffusion', 'dot', None), ('diffusion', 'embedded_gaussian', None), ('frac_laplacian', 'dot', None),
          ('frac_laplacian', 'dot', 0.3), ('inv_frac_laplacian', 'dot', None), ('inv_frac_laplacian', 'dot', 0.8),
          ('log', 'dot', None)]
 
@@ -20,6 +21,15 @@ CASES = [('diffusion', 'dot', None), ('diffusion', 'gaussian', None), ('frac_lap
 def _inputs(b=2, e=4, c=3, n=10, m=7, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, k, p, generator=g, dtype=dtype) for k, p in ((e, n), (e, m), (c, n), (c, m))]
+
+
+def test_reference_constants_are_the_closed_forms():
+    """tests/reference.py's constants against literal values, so that the reference is not a copy of the package."""
+    assert reference.constant('frac_laplacian', 0.5, 2) == pytest.approx(1 / (2 * math.pi), rel=1e-14)
+    assert reference.constant('frac_laplacian', 0.5, 3) == pytest.approx(1 / math.pi ** 2, rel=1e-14)
+    assert reference.constant('inv_frac_laplacian', 0.5, 3) == pytest.approx(1 / (2 * math.pi ** 2), rel=1e-14)
+    assert reference.constant('inv_frac_laplacian', 1.0, 3) == pytest.approx(1 / (4 * math.pi), rel=1e-14)
+    assert reference.constant('log', 1.0, 2) == pytest.approx(1 / (4 * math.pi), rel=1e-14)
 
 
 def test_constants_n2_closed_forms():
@@ -74,13 +84,13 @@ def test_lowrank_never_forms_the_n_by_m_kernel(monkeypatch):
 def test_fused_path_evaluates_each_tile_once_per_pass(monkeypatch):
     theta, phi, vq, vk = [t.requires_grad_() for t in _inputs(b=1, n=50, m=20)]
     calls = []
-    real = pide_ops._KernelSpec.tile
+    real = fused._tile
 
-    def spy(self, theta_t, *a, **k):
+    def spy(k, theta_t, *a, **kw):
         calls.append(theta_t.shape[2])
-        return real(self, theta_t, *a, **k)
+        return real(k, theta_t, *a, **kw)
 
-    monkeypatch.setattr(pide_ops._KernelSpec, 'tile', spy)
+    monkeypatch.setattr(fused, '_tile', spy)
     out = nonlocal_aggregate(theta, phi, vq, vk, operator='log', method='fused', tile_size=16)
     assert calls == [16, 16, 16, 2]
     calls.clear()
@@ -91,7 +101,7 @@ def test_fused_path_evaluates_each_tile_once_per_pass(monkeypatch):
 def test_tiled_is_the_fused_path():
     assert pide_ops.resolve_method('tiled', 'log', 'dot') == 'fused'
     assert pide_ops.resolve_method('auto', 'frac_laplacian', 'dot') == 'fused'
-    assert pide_ops.resolve_method('auto', 'diffusion', 'gaussian') == 'fused'
+    assert pide_ops.resolve_method('auto', 'diffusion', 'embedded_gaussian') == 'fused'
     assert pide_ops.resolve_method('auto', 'diffusion', 'dot') == 'lowrank'
 
 
@@ -279,14 +289,15 @@ def test_rowsum_normalizer_guards_zero_and_sign():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(operator='heat'), 'operator must be one of'),
+    (dict(operator='wave'), 'operator must be one of'),
     (dict(operator='frac_laplacian', s=1.0), r'0 < s < 1'),
     (dict(operator='frac_laplacian', s=0.0), r'0 < s < 1'),
     (dict(operator='inv_frac_laplacian', s=1.0), r'0 < s < n/2'),
     (dict(operator='log', s=0.5), 's must equal n/2'),
     (dict(operator='diffusion', s=0.5), 's is not used'),
     (dict(operator='diffusion', kernel='cosine'), 'kernel must be one of'),
-    (dict(operator='log', kernel='gaussian'), "kernel='gaussian' applies to operator 'diffusion' only"),
+    (dict(operator='log', kernel='embedded_gaussian'),
+     "kernel='embedded_gaussian' applies to operator 'diffusion' only"),
     (dict(operator='log', embed_scale=0), 'embed_scale must be a positive finite number'),
     (dict(operator='diffusion', normalizer='rows'), 'normalizer must be one of'),
     (dict(operator='diffusion', normalizer=0), 'normalizer must be one of'),

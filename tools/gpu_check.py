@@ -252,7 +252,7 @@ def section_tests(rec: Record, args: argparse.Namespace) -> None:
 # its bound of 2.5e-1 guards against gross errors only; the aggregate rows are the precise bf16 check.
 TOLERANCE = {'fp32': 1e-4, 'tf32': 2e-2, 'bf16': 4e-2, 'bf16 block': 2.5e-1}
 # (operator, kernel, methods) for nonlocal_aggregate; lowrank serves the dot diffusion kernel only.
-OP_CASES = (('diffusion', 'dot', ('lowrank', 'fused', 'dense')), ('diffusion', 'gaussian', ('fused', 'dense')),
+OP_CASES = (('diffusion', 'dot', ('lowrank', 'fused', 'dense')), ('diffusion', 'embedded_gaussian', ('fused', 'dense')),
             ('frac_laplacian', 'dot', ('fused', 'dense')), ('inv_frac_laplacian', 'dot', ('fused', 'dense')),
             ('log', 'dot', ('fused', 'dense')))
 

@@ -1,7 +1,8 @@
 """Reusable layers: the PIDE operators, the nonlocal block and Hamiltonian blocks."""
 from .hamiltonian import HamiltonianBlock, HamiltonianUnit, hamiltonian_units, reversible_chain, smoothness_penalty
 from .nonlocal_block import PIDEBlock
-from .pide_ops import (
+from .ops import (
+    AGGREGATE_FORMS,
     EULER_GAMMA,
     KERNEL_SCALES,
     KERNELS,
@@ -9,20 +10,25 @@ from .pide_ops import (
     NORMALIZERS,
     OPERATOR_ALIASES,
     OPERATORS,
-    apply_kernel,
+    Operator,
     check_s,
     default_s,
+    get_operator,
     nonlocal_aggregate,
+    operator_names,
     pide_constant,
     pide_kernel,
+    register_operator,
     resolve_method,
     resolve_operator,
     width_scale,
 )
+from .pide_ops import apply_kernel
 
 __all__ = [
     'HamiltonianBlock', 'HamiltonianUnit', 'hamiltonian_units', 'reversible_chain', 'smoothness_penalty',
-    'PIDEBlock', 'EULER_GAMMA', 'KERNEL_SCALES', 'KERNELS', 'METHODS', 'NORMALIZERS', 'OPERATOR_ALIASES', 'OPERATORS',
-    'apply_kernel', 'check_s', 'default_s', 'nonlocal_aggregate', 'pide_constant', 'pide_kernel',
-    'resolve_method', 'resolve_operator', 'width_scale',
+    'PIDEBlock', 'AGGREGATE_FORMS', 'EULER_GAMMA', 'KERNEL_SCALES', 'KERNELS', 'METHODS', 'NORMALIZERS',
+    'OPERATOR_ALIASES', 'OPERATORS', 'Operator', 'apply_kernel', 'check_s', 'default_s', 'get_operator',
+    'nonlocal_aggregate', 'operator_names', 'pide_constant', 'pide_kernel', 'register_operator', 'resolve_method',
+    'resolve_operator', 'width_scale',
 ]

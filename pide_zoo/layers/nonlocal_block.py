@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fast_paths import pointwise_conv
-from .pide_ops import (
-    check_kernel_args,
+from .ops import (
+    bind_kernel,
     check_normalizer,
     check_tile_size,
     embed_scale_for,
-    evaluate_aggregate,
-    evaluate_kernel,
+    nonlocal_aggregate,
+    pide_kernel,
     resolve_method,
 )
 
@@ -29,8 +29,8 @@ __all__ = ['PIDEBlock']
 # Leaves for torch.fx: shape-dependent Python (validation, tiling, the CPU path choice) stays out of graphs.
 torch.fx.wrap('_check_input')
 torch.fx.wrap('pointwise_conv')
-torch.fx.wrap('evaluate_kernel')
-torch.fx.wrap('evaluate_aggregate')
+torch.fx.wrap('pide_kernel')
+torch.fx.wrap('nonlocal_aggregate')
 
 _warned_forms: set = set()
 
@@ -63,7 +63,8 @@ class PIDEBlock(nn.Module):
     Args:
         channels: number of input (= output) channels C.
         operator: ``'diffusion'`` (L, eq. 4.1), ``'frac_laplacian'`` ((-Delta)^s, 4.4),
-            ``'inv_frac_laplacian'`` ((-Delta)^-s, 4.5), ``'log'`` ((-Delta)^-1, 4.6) or an alias.
+            ``'inv_frac_laplacian'`` ((-Delta)^-s, 4.5), ``'log'`` ((-Delta)^-1, 4.6), an alias, or an operator
+            added with :func:`~pide_zoo.layers.register_operator`.
         s: order of the fractional operators (default 1/2, 1/2, n/2).
         n: dimension in the constants c_{n,s}.
         stages: number of stages S (the paper: 2; Table 2: 4).
@@ -71,7 +72,9 @@ class PIDEBlock(nn.Module):
         lam: kernel scaling lambda.
         embed_ratio: width of theta and phi relative to C.
         subsample: max-pool size on the key side (1 = off).
-        kernel: ``'dot'`` or ``'gaussian'`` (diffusion only).
+        kernel: ``'dot'`` or ``'embedded_gaussian'`` (diffusion only; ``'gaussian'``, its former name, is
+            deprecated).
+        kernel_params: the operator's own parameters, for a registered operator (e.g. a time or a bandwidth).
         symmetric: use theta on both sides of the kernel (no phi).
         normalizer: ``'key'`` (M, default), ``'query'``, ``'rowsum'`` or a number.
         method: ``'auto'`` (low rank for the dot diffusion kernel, else fused), ``'lowrank'``, ``'fused'``
@@ -103,6 +106,7 @@ class PIDEBlock(nn.Module):
             embed_ratio: float = 0.5,
             subsample: int = 2,
             kernel: str = 'dot',
+            kernel_params: Optional[dict] = None,
             symmetric: bool = False,
             normalizer: Union[str, float, None] = None,
             method: str = 'auto',
@@ -121,18 +125,21 @@ class PIDEBlock(nn.Module):
         elif in_channels is not None and in_channels != channels:
             raise ValueError(f'channels ({channels}) and in_channels ({in_channels}) disagree; pass one of them')
         self.channels = _positive('channels', channels, int)
-        self.operator, self.s = check_kernel_args(operator, s, n, kernel)
-        self.n, self.kernel = n, kernel
+        bound = bind_kernel(operator, s, n, 1.0, kernel, 1.0, kernel_params)  # the arguments' one check
+        self.operator, self.s, self.kernel = bound.operator, bound.s, bound.kernel
+        self.kernel_params = dict(bound.params)
+        self.n = n
         self.stages = _positive('stages', stages, int)
         self.h, self.lam = float(_positive('h', h)), float(_positive('lam', lam))
         self.subsample = _positive('subsample', subsample, int)
         self.symmetric = bool(symmetric)
         self.normalizer = check_normalizer(normalizer)
-        self.method = resolve_method(method, self.operator, kernel)
+        self.method = resolve_method(method, self.operator, self.kernel)
         self.tile_size = check_tile_size(tile_size)
         self.embed_channels = max(1, int(round(self.channels * _positive('embed_ratio', embed_ratio))))
         self.kernel_scale = kernel_scale
-        self.embed_scale = embed_scale_for(kernel_scale, self.operator, kernel, self.embed_channels)
+        self.embed_scale = embed_scale_for(kernel_scale, self.operator, self.kernel, self.embed_channels)
+        self._needs_rowsum = bound.op.needs_rowsum(self.normalizer)
 
         dd = dict(device=device, dtype=dtype)
         c = self.channels
@@ -175,16 +182,17 @@ class PIDEBlock(nn.Module):
         _check_input(x, self.channels, self.subsample)
         theta, phi = self.embed(x)
         kw = dict(operator=self.operator, s=self.s, n=self.n, lam=self.lam, kernel=self.kernel,
-                  embed_scale=self.embed_scale)
+                  embed_scale=self.embed_scale, kernel_params=self.kernel_params)
         kern = rowsum = None
         if self.method == 'dense':  # the kernel and its row sums once from X for every stage, as the paper
-            kern = evaluate_kernel(theta, phi, **kw)
-            if self.operator in ('diffusion', 'frac_laplacian') or self.normalizer == 'rowsum':
+            kern = pide_kernel(theta, phi, **kw)
+            if self._needs_rowsum:
                 rowsum = kern.sum(2)
         out = x
         for conv, norm in zip(self.convs, self.norms):
-            agg = evaluate_aggregate(theta, phi, out.flatten(2), self._pool(out).flatten(2), kern, rowsum, **kw,
-                                     normalizer=self.normalizer, method=self.method, tile_size=self.tile_size)
+            agg = nonlocal_aggregate(theta, phi, out.flatten(2), self._pool(out).flatten(2), **kw,
+                                     normalizer=self.normalizer, method=self.method, tile_size=self.tile_size,
+                                     kernel_matrix=kern, rowsum=rowsum)
             out = torch.add(x, self.act(norm(pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
         return out
 

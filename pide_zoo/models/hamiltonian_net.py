@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..layers.hamiltonian import HamiltonianUnit
 from ..layers.nonlocal_block import PIDEBlock
-from ..layers.pide_ops import resolve_operator
+from ..layers.ops import resolve_operator
 from ._paper_norm import BatchNormRecordMixin, paper_norm_layer
 from ._staged import StagedFeaturesMixin
 
@@ -175,12 +175,21 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             bn=norm_layer(stem_chs, **dd),
             act=act_layer(),
         ))
+        block_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, transpose_bias=transpose_bias)
+        self._build_stages(stem_chs, depths, widths, h, nl_layer, nonlocal_units, nonlocal_after, reversible,
+                           act_layer, block_kwargs, dd)
+        self.global_pool_type = global_pool
+        self._build_head(num_classes, global_pool, **dd)
+        self._init_weights()
+        self._record_bn_settings()
+
+    def _build_stages(self, stem_chs, depths, widths, h, nl_layer, nonlocal_units, nonlocal_after, reversible,
+                      act_layer, block_kwargs, dd) -> None:
         stages, prev, reduction = [], stem_chs, 1
         self.feature_info = []
-        block_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, transpose_bias=transpose_bias)
         for i, (depth, width) in enumerate(zip(depths, widths)):
             stage = OrderedDict()
-            pool = 2 if (downsample and i > 0) else 1
+            pool = 2 if (self.downsample and i > 0) else 1
             if i > 0 or prev != width:
                 stage['transition'] = Transition(prev, width, pool=pool, act_layer=act_layer, **dd)
             reduction *= pool
@@ -193,10 +202,6 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = prev
         self.final_reduction = reduction
-        self.global_pool_type = global_pool
-        self._build_head(num_classes, global_pool, **dd)
-        self._init_weights()
-        self._record_bn_settings()
 
     def _head_features(self, global_pool: str) -> int:
         if global_pool != 'flatten':

@@ -41,7 +41,8 @@ class PIDEHead(FCNHead):
         lam: kernel scaling lambda.
         embed_ratio: width of the theta/phi embeddings relative to ``channels``.
         subsample: max-pool size on the key side (1 = off).
-        kernel: ``'dot'`` or ``'gaussian'`` (diffusion only).
+        kernel: ``'dot'`` or ``'embedded_gaussian'`` (diffusion only).
+        kernel_params: a registered operator's own parameters (see :func:`~pide_zoo.layers.register_operator`).
         symmetric: theta on both sides of the kernel (no phi).
         normalizer: ``'key'`` (None), ``'query'``, ``'rowsum'`` or a number.
         method: evaluation path of the aggregate (``'auto'``; see :class:`PIDEBlock`).
@@ -73,6 +74,7 @@ class PIDEHead(FCNHead):
             embed_ratio: float = 0.5,
             subsample: int = 2,
             kernel: str = 'dot',
+            kernel_params: Optional[Dict[str, Any]] = None,
             symmetric: bool = False,
             normalizer: Union[str, float, None] = None,
             method: str = 'auto',
@@ -86,7 +88,8 @@ class PIDEHead(FCNHead):
             partial(build_activation_layer, self.act_cfg) if self.act_cfg else nn.Identity)
         self.pide_block = PIDEBlock(
             self.channels, operator=operator, s=s, n=n, stages=stages, h=h, lam=lam, embed_ratio=embed_ratio,
-            subsample=subsample, kernel=kernel, symmetric=symmetric, normalizer=normalizer, method=method,
+            subsample=subsample, kernel=kernel, kernel_params=kernel_params, symmetric=symmetric,
+            normalizer=normalizer, method=method,
             tile_size=tile_size, kernel_scale=kernel_scale, norm_layer=norm_layer, act_layer=act_layer)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
