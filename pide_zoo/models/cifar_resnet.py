@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Conv2dSame, pad_same
+from timm.layers import Conv2dSame
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -32,7 +32,13 @@ __all__ = ['CifarResNet', 'BasicBlockV1', 'PreActBottleneck', 'TFSameConv2d']
 
 def _pad_same(x: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int],
               dilation: Tuple[int, int]) -> Tensor:
-    return pad_same(x, kernel_size, stride, dilation)
+    """TensorFlow's 'same' padding (the extra row/column after), in integer arithmetic that torch.export can
+    serialise with a dynamic size (timm's ``pad_same`` uses ``math.ceil``, which it cannot)."""
+    pads = []
+    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+        total = ((size + s - 1) // s - 1) * s + (k - 1) * d + 1 - size  # >= 0 as k >= s here
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
 
 
 # Leaves of traced graphs: the input check, and the size-dependent 'same' padding.
@@ -41,7 +47,12 @@ torch.fx.wrap('_pad_same')
 
 
 class TFSameConv2d(Conv2dSame):
-    """timm's TensorFlow-'same' convolution, its padding a leaf of ``torch.fx`` graphs."""
+    """timm's TensorFlow-'same' convolution, its padding a leaf of ``torch.fx`` graphs that exports."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if any(k < s for k, s in zip(self.kernel_size, self.stride)):
+            raise ValueError(f'TFSameConv2d needs kernel_size >= stride, got {self.kernel_size} and {self.stride}')
 
     def forward(self, x: Tensor) -> Tensor:
         x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
