@@ -347,8 +347,8 @@ def segmentation_params(name: str) -> int:
         ref = timm.create_model(name)
         operator = ref.nonlocal_operator
         stages = next((m.stages for m in ref.modules() if isinstance(m, PIDEBlock)), 2)
-        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator=operator,
-                              nonlocal_stages=stages, nonlocal_subsample=3, img_size=SEG_IMG_SIZE)
+        cfg = None if operator is None else dict(operator=operator, stages=stages, subsample=3)
+        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, block_cfg=cfg, img_size=SEG_IMG_SIZE)
     else:
         body = timm.create_model(name, num_classes=0, global_pool='', downsample=False)
     head = nn.Conv2d(body.num_features, SEG_NUM_CLASSES, 1)

@@ -63,7 +63,7 @@ def test_matrix_spectrum_counts_rounding_noise_as_zero(monkeypatch):
 
 
 def test_nonlocal_spectra_cover_every_block_and_stage():
-    model = _small(nonlocal_stages=3)
+    model = _small(block_cfg=dict(stages=3))
     spectra = nonlocal_spectra(model)
     assert [b['channels'] for b in spectra['blocks']] == [8, 8, 16]
     assert all(len(b['stages']) == 3 and b['operator'] == 'diffusion' for b in spectra['blocks'])

@@ -115,8 +115,8 @@ def test_heat_head_from_an_mmseg_config():
     import pide_zoo.seg  # noqa: F401  (registers PIDEHead)
 
     init_default_scope('mmseg')
-    head = MODELS.build(dict(type='PIDEHead', in_channels=8, channels=8, num_classes=3, operator='heat',
-                             kernel_params=dict(t=2.0), subsample=1, norm_cfg=dict(type='BN')))
+    head = MODELS.build(dict(type='PIDEHead', in_channels=8, channels=8, num_classes=3, norm_cfg=dict(type='BN'),
+                             block_cfg=dict(operator='heat', kernel_params=dict(t=2.0), subsample=1)))
     assert head.pide_block.operator == 'heat' and head.pide_block.kernel_params == dict(t=2.0)
     out = head([torch.randn(2, 8, 6, 6)])
     out.sum().backward()
