@@ -25,7 +25,7 @@ from pide_zoo.analysis import (
 )
 from pide_zoo.layers import HamiltonianBlock, PIDEBlock
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 SMALL = dict(depths=(2, 2, 1), widths=(8, 8, 16))
 

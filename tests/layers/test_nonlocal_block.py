@@ -129,7 +129,7 @@ def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
     """tests/data/pide_blocks_v0_1.pt holds blocks, inputs and outputs written by pide_zoo 0.1 before the
     fused path and the block's faster embeddings: same keys, same outputs (float64, eval and train mode) with the
     kernel form release 0.1 computed, the paper's, passed explicitly."""
-    saved = torch.load(Path(__file__).parent / 'data' / 'pide_blocks_v0_1.pt', weights_only=True)
+    saved = torch.load(Path(__file__).parents[1] / 'data' / 'pide_blocks_v0_1.pt', weights_only=True)
     for operator in ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']:
         case = saved[operator]
         block = PIDEBlock(6, operator=operator, subsample=2, stages=2, h=0.5, lam=0.3, kernel_scale='paper',

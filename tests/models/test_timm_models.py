@@ -12,7 +12,7 @@ import pide_zoo
 from pide_zoo.layers import PIDEBlock, smoothness_penalty
 from pide_zoo.models import HamiltonianNet, insert_pide_blocks
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 OURS = ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac',
         'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage', 'resnet44_cifar', 'preresnet20_cifar']

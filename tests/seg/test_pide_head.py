@@ -28,7 +28,7 @@ import pide_zoo.seg.heads  # noqa: E402
 from pide_zoo.layers import PIDEBlock  # noqa: E402
 from pide_zoo.seg.heads import PIDEHead  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 MMSEG_DIR = osp.dirname(__import__('mmseg').__file__)
 MMSEG_CONFIGS = osp.join(MMSEG_DIR, '.mim', 'configs')

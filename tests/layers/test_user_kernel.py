@@ -138,6 +138,6 @@ def test_registration_errors_name_the_argument():
 
 
 def test_no_package_file_names_the_heat_kernel():
-    root = pathlib.Path(__file__).resolve().parents[1] / 'pide_zoo'
+    root = pathlib.Path(__file__).resolve().parents[2] / 'pide_zoo'
     naming = [str(p) for p in root.rglob('*.py') if re.search(r'\bheat\b', p.read_text(), re.IGNORECASE)]
     assert naming == []
