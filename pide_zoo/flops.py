@@ -38,11 +38,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-with warnings.catch_warnings():
-    # fvcore.nn scripts its focal losses at import, which recent torch flags as deprecated.
-    warnings.simplefilter('ignore', FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import Handle, get_shape
+try:
+    with warnings.catch_warnings():
+        # fvcore.nn scripts its focal losses at import, which recent torch flags as deprecated.
+        warnings.simplefilter('ignore', FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import Handle, get_shape
+except ImportError as e:
+    raise ImportError(f'pide_zoo.flops counts FLOPs with fvcore, which is not installed ({e}); '
+                      'pip install "pide_zoo[flops]"') from e
 
 from .layers.nonlocal_block import PIDEBlock
 from .layers.ops import resolve_method

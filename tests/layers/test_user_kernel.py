@@ -13,7 +13,6 @@ import torch
 from test_kernel_scale import _long_range_task
 from torch import nn
 
-from pide_zoo.flops import module_flop_analysis
 from pide_zoo.layers import PIDEBlock, get_operator, nonlocal_aggregate, pide_kernel, register_operator
 
 
@@ -101,6 +100,9 @@ def test_heat_block_flops_and_width_scale():
     block = PIDEBlock(16, operator='heat', method='dense').eval()
     assert block.embed_scale == pytest.approx(math.sqrt(8))  # tau sqrt(E), tau = 1
     assert block.kernel_params == dict(t=0.5)
+    pytest.importorskip('fvcore', reason='FLOP counting needs the flops extra')
+    from pide_zoo.flops import module_flop_analysis
+
     fa = module_flop_analysis(block, (torch.randn(1, 16, 8, 8),))
     assert not fa.unsupported_ops() and fa.total() > 0
     fused = module_flop_analysis(block, (torch.randn(1, 16, 8, 8),), nonlocal_method='fused')

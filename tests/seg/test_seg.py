@@ -622,6 +622,7 @@ def test_demo_config_runs(tmp_path):
 
 @pytest.mark.slow
 def test_demo_figure_from_two_checkpoints(tmp_path):
+    pytest.importorskip('matplotlib', reason='the figure needs the analysis extra: pip install -e .[analysis]')
     from mmseg.apis import init_model
     from PIL import Image
 

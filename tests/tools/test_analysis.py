@@ -118,6 +118,7 @@ def test_perturbations_fgsm_is_worse_than_random():
 
 
 def test_plots_write_png(tmp_path):
+    pytest.importorskip('matplotlib', reason='the plots need the analysis extra: pip install -e .[analysis]')
     model = _small()
     paths = plot_spectra(nonlocal_spectra(model), str(tmp_path / 's_'), title='t')
     x, target = torch.randn(3, 3, 32, 32), torch.arange(3)
@@ -147,6 +148,7 @@ def _check_outputs(folder, name, figures):
 
 @pytest.mark.slow
 def test_tools_on_fresh_and_briefly_trained_models(tmp_path):
+    pytest.importorskip('matplotlib', reason='the tools plot: pip install -e .[analysis]')
     kwargs = ['--model-kwargs', 'depths=(2,2,1)', 'widths=(8,8,16)']
     # a briefly trained nonlocal model and Hamiltonian baseline on the bundled digits
     for model in ('nl_hamiltonian74', 'hamiltonian74'):

@@ -132,6 +132,7 @@ def test_bench_heads(tmp_path):
 
 
 def test_bench_scaling_stops_a_series_at_its_budget_and_draws_the_figure(tmp_path):
+    pytest.importorskip('matplotlib', reason='the figure needs the analysis extra: pip install -e .[analysis]')
     out = tmp_path / 's.json'
     # diffusion: its first point runs; the second is predicted from it, over one of the budgets. dense: its N x M
     # kernel copies (6 x 1 KB at 8x8) are over the memory budget before it runs.

@@ -4,10 +4,11 @@ import os.path as osp
 
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 
 pytest.importorskip('mmseg', reason='mmseg configs need the seg extra: pip install -e .[seg]')
+pytest.importorskip('fvcore', reason='FLOP counting needs the flops extra: pip install -e .[flops]')
 
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
