@@ -247,11 +247,13 @@ def _fresh_python(code, **env):
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', COLUMNS='1000', **env))
 
 
-_LOADED = 'import sys; print(sorted({m.split(".")[0] for m in sys.modules} & {"mmengine", "mmseg", "mmcv"}))'
+_LOADED = ('import sys; print(sorted({m.split(".")[0] for m in sys.modules} & '
+           '{"mmengine", "mmseg", "mmcv", "fvcore", "matplotlib"}))')
 
 
 def test_import_is_light():
-    """``import pide_zoo`` (and its training and export helpers) need torch and timm, no OpenMMLab package."""
+    """``import pide_zoo`` (and its training and export helpers) need torch and timm: no OpenMMLab package, no
+    fvcore, no matplotlib."""
     out = _fresh_python('import pide_zoo, pide_zoo.training, pide_zoo.export; ' + _LOADED)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == '[]'
