@@ -247,7 +247,11 @@ def perturbation_sensitivity(
 
 # --- figures -----------------------------------------------------------------------------------------------
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(f'the plots need matplotlib, which is not installed ({e}); '
+                          'pip install "pide_zoo[analysis]"') from e
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

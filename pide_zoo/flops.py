@@ -38,11 +38,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-with warnings.catch_warnings():
-    # fvcore.nn scripts its focal losses at import, which recent torch flags as deprecated.
-    warnings.simplefilter('ignore', FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import Handle, get_shape
+try:
+    with warnings.catch_warnings():
+        # fvcore.nn scripts its focal losses at import, which recent torch flags as deprecated.
+        warnings.simplefilter('ignore', FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import Handle, get_shape
+except ImportError as e:
+    raise ImportError(f'pide_zoo.flops counts FLOPs with fvcore, which is not installed ({e}); '
+                      'pip install "pide_zoo[flops]"') from e
 
 from .layers.nonlocal_block import PIDEBlock
 from .layers.ops import resolve_method
@@ -347,8 +351,8 @@ def segmentation_params(name: str) -> int:
         ref = timm.create_model(name)
         operator = ref.nonlocal_operator
         stages = next((m.stages for m in ref.modules() if isinstance(m, PIDEBlock)), 2)
-        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator=operator,
-                              nonlocal_stages=stages, nonlocal_subsample=3, img_size=SEG_IMG_SIZE)
+        cfg = None if operator is None else dict(operator=operator, stages=stages, subsample=3)
+        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, block_cfg=cfg, img_size=SEG_IMG_SIZE)
     else:
         body = timm.create_model(name, num_classes=0, global_pool='', downsample=False)
     head = nn.Conv2d(body.num_features, SEG_NUM_CLASSES, 1)

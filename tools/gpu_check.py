@@ -19,7 +19,7 @@ Sections, in the order they run (``tests`` runs beside the others, on its own CP
 
 Each section runs in a child process with a time budget (its partial results survive a timeout); a failing
 section never hides the others; the exit code is 1 when any failed. ``--dry-run`` runs the same sections on
-the CPU at tiny sizes (tests/test_gpu_check.py). Results: ``<out>/gpu_check.json``.
+the CPU at tiny sizes (tests/tools/test_gpu_check.py). Results: ``<out>/gpu_check.json``.
 
     python tools/gpu_check.py --dry-run --out /tmp/gpu_check     # here, on the CPU
     bash tools/gpu_check.sh                                       # on the GPU machine (see its header)
@@ -55,9 +55,9 @@ BUDGETS = {
     'dry': dict(total=300, env=60, tests=150, cuda_check=90, mmseg=60, bench_nonlocal=90, timm_models=90),
 }
 # Test files that need neither mmseg nor fvcore; test_flops.py joins them where fvcore imports (wheels).
-TEST_FILES = ('tests/test_pide_ops.py', 'tests/test_nonlocal_block.py', 'tests/test_hamiltonian.py',
-              'tests/test_timm_models.py')
-DRY_TEST_SELECTION = ('tests/test_pide_ops.py', '-k', 'constants')
+TEST_FILES = ('tests/layers/test_pide_ops.py', 'tests/layers/test_nonlocal_block.py',
+              'tests/layers/test_hamiltonian.py', 'tests/models/test_timm_models.py')
+DRY_TEST_SELECTION = ('tests/layers/test_pide_ops.py', '-k', 'constants')
 MODELS = ('nl_hamiltonian74', 'nl_hamiltonian74_frac', 'hamiltonian74', 'nl_hamiltonian74_invfrac',
           'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage')
 
@@ -202,7 +202,7 @@ def section_tests(rec: Record, args: argparse.Namespace) -> None:
     if args.dry_run:
         selection = list(DRY_TEST_SELECTION)
     else:
-        selection = list(TEST_FILES) + (['tests/test_flops.py'] if _importable('fvcore') else [])
+        selection = list(TEST_FILES) + (['tests/tools/test_flops.py'] if _importable('fvcore') else [])
     cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *selection]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     if _importable('xdist') and cpus >= 4:
@@ -709,7 +709,7 @@ def run_child(args: argparse.Namespace) -> int:
     rec = Record(Path(args.result))
     try:
         # GPU_CHECK_FAIL / GPU_CHECK_HANG=name,...: those sections raise at once / never end (the failure and
-        # timeout paths, for tests/test_gpu_check.py).
+        # timeout paths, for tests/tools/test_gpu_check.py).
         if args.run_section in os.environ.get('GPU_CHECK_FAIL', '').split(','):
             raise RuntimeError(f'{args.run_section} failed on purpose (GPU_CHECK_FAIL)')
         if args.run_section in os.environ.get('GPU_CHECK_HANG', '').split(','):

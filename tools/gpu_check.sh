@@ -17,7 +17,7 @@
 #      numbers, data), gpu_check.log (all output), tests.log (pytest's), and the benchmark's own tables
 #      bench_nonlocal_{flex,operators,blocks,peers}.json (benchmarks/harness.py's schema, for docs/benchmarks/).
 #
-# Without gpu_wheels/ the run still works: tests/test_flops.py is left out (it needs fvcore).
+# Without gpu_wheels/ the run still works: tests/tools/test_flops.py is left out (it needs fvcore).
 # mmseg cannot travel: mmcv 2.1 needs its compiled ops (mmcv.ops) built against the machine's torch, and
 # nothing can be built or fetched there; the mmseg section says so and is skipped.
 #

@@ -1,2 +1,2 @@
 _base_ = ['mmseg::nonlocal_net/nonlocal_r50-d8_4xb2-40k_cityscapes-512x1024.py', './_base_/pidehead_r50-d8.py']
-model = dict(decode_head=dict(_base_.pide_head, _delete_=True, operator='diffusion', num_classes=19))
+model = dict(decode_head=dict(_base_.pide_head, _delete_=True, block_cfg=dict(operator='diffusion'), num_classes=19))

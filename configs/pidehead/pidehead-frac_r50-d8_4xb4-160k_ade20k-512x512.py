@@ -1,2 +1,2 @@
 _base_ = ['./pidehead-diffusion_r50-d8_4xb4-160k_ade20k-512x512.py']
-model = dict(decode_head=dict(operator='frac_laplacian'))
+model = dict(decode_head=dict(block_cfg=dict(operator='frac_laplacian')))

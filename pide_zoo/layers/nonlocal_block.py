@@ -209,7 +209,7 @@ class PIDEBlock(nn.Module):
                     f'{prefix or "PIDEBlock"}: this state dict was trained with kernel_scale={form!r} (embed_scale '
                     f'{trained:g}{", pide_zoo 0.1" if version == 1 else ""}) but the block computes '
                     f'kernel_scale={self.kernel_scale!r} (embed_scale {self.embed_scale:g}); pass '
-                    f'kernel_scale={form!r} to the block (nonlocal_kwargs / block_cfg) to get the outputs it was '
+                    f'kernel_scale={form!r} to the block (its block_cfg) to get the outputs it was '
                     f'trained for', UserWarning, stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 

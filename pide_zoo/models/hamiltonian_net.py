@@ -20,6 +20,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ..layers.block_cfg import block_cfg_from_old_names, check_block_cfg
 from ..layers.hamiltonian import HamiltonianUnit
 from ..layers.nonlocal_block import PIDEBlock
 from ..layers.ops import resolve_operator
@@ -88,18 +89,18 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         img_size: input size the flatten head is built for (int or (H, W)).
         depths: Hamiltonian blocks m per Unit.
         widths: channels per Unit.
-        h: step size of the Hamiltonian blocks and of the PIDE blocks (unless ``nonlocal_kwargs`` sets another).
+        h: step size of the Hamiltonian blocks and of the PIDE blocks (unless ``block_cfg`` sets another).
         stem_chs: stem width (default: first Unit width).
         downsample: average-pool between Units (False keeps the spatial size, the segmentation layout).
-        nonlocal_operator: PIDE operator of the nonlocal blocks, or None for the purely local network.
+        block_cfg: :class:`PIDEBlock` arguments of the nonlocal blocks, e.g. ``dict(operator='frac_laplacian')``;
+            None builds the purely local network. Unset keys take the paper's values: ``operator='diffusion'``,
+            ``stages=2``, ``subsample`` from ``img_size`` (2 at 32 px, 4 at 96 px), ``kernel_scale='paper'`` (its
+            exact kernel; ``'width'`` keeps the distance kernels' signal above batch norm's eps at any width),
+            the network's ``h`` and ``norm_layer``; every other key reaches the block unchanged.
         nonlocal_units: Units that get nonlocal blocks.
         nonlocal_after: position in each Unit (number of Hamiltonian blocks before it).
-        nonlocal_stages: stages S of each nonlocal block (Table 2: 4).
-        nonlocal_subsample: key max-pool size (default from ``img_size``: 2 at 32 px, 4 at 96 px).
-        nonlocal_kwargs: further :class:`PIDEBlock` arguments (``lam``, ``s``, ``kernel``, ``method``...); ``h``
-            and ``norm_layer`` here override the network's for the PIDE blocks.
-            The paper's networks keep its exact kernel, ``kernel_scale='paper'``, unless this sets another
-            (``'width'`` keeps the distance kernels' signal above batch norm's eps at any width).
+        nonlocal_operator, nonlocal_stages, nonlocal_subsample, nonlocal_kwargs: deprecated spellings of
+            ``block_cfg`` entries (``operator``, ``stages``, ``subsample``, the rest), removed in pide_zoo 0.4.
         head_pool: average pool before the flatten head (default from ``img_size``: 2 at 32 px, 8 at 96 px).
         global_pool: ``'flatten'`` (the paper's pool + flatten), ``'avg'`` (global average) or ``''`` (none).
         drop_rate: dropout before the classifier.
@@ -124,12 +125,9 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             h: float = 0.06,
             stem_chs: Optional[int] = None,
             downsample: bool = True,
-            nonlocal_operator: Optional[str] = None,
+            block_cfg: Optional[Dict[str, Any]] = None,
             nonlocal_units: Sequence[int] = (0, 1, 2),
             nonlocal_after: int = 2,
-            nonlocal_stages: int = 2,
-            nonlocal_subsample: Optional[int] = None,
-            nonlocal_kwargs: Optional[Dict[str, Any]] = None,
             head_pool: Optional[int] = None,
             global_pool: str = 'flatten',
             drop_rate: float = 0.0,
@@ -140,8 +138,15 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             transpose_bias: bool = True,
             device=None,
             dtype=None,
+            nonlocal_operator: Optional[str] = None,
+            nonlocal_stages: Optional[int] = None,
+            nonlocal_subsample: Optional[int] = None,
+            nonlocal_kwargs: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
+        block_cfg = block_cfg_from_old_names(block_cfg, 'HamiltonianNet', dict(
+            nonlocal_operator=nonlocal_operator, nonlocal_stages=nonlocal_stages,
+            nonlocal_subsample=nonlocal_subsample, nonlocal_kwargs=nonlocal_kwargs))
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f'in_chans must be a positive int, got {in_chans!r}')
         if len(depths) != len(widths) or not len(widths):
@@ -157,17 +162,18 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         self.downsample = downsample
         geom_head, geom_nl = paper_geometry(min(self.img_size))
         self.head_pool = head_pool if head_pool is not None else geom_head
-        subsample = nonlocal_subsample if nonlocal_subsample is not None else geom_nl
-        self.nonlocal_operator = resolve_operator(nonlocal_operator) if nonlocal_operator is not None else None
         for u in nonlocal_units:
             if not isinstance(u, int) or not 0 <= u < len(widths):
                 raise ValueError(f'nonlocal_units must hold Unit indices in [0, {len(widths)}), got {nonlocal_units}')
         nl_layer = None
-        if self.nonlocal_operator is not None:
-            # The authors pass the network's h and batch norm to the nonlocal blocks too.
-            nl_args = dict(kernel_scale='paper', h=h, norm_layer=norm_layer)
-            nl_layer = partial(PIDEBlock, operator=self.nonlocal_operator, stages=nonlocal_stages,
-                               subsample=subsample, **{**nl_args, **(nonlocal_kwargs or {})})
+        self.nonlocal_operator = None
+        if block_cfg is not None:
+            # The paper's blocks; the authors pass the network's h and batch norm to them too.
+            cfg = dict(operator='diffusion', stages=2, subsample=geom_nl, kernel_scale='paper', h=h,
+                       norm_layer=norm_layer)
+            cfg.update(check_block_cfg(block_cfg, 'HamiltonianNet'))
+            self.nonlocal_operator = resolve_operator(cfg['operator'])
+            nl_layer = partial(PIDEBlock, **cfg)
 
         stem_chs = stem_chs or widths[0]
         self.stem = nn.Sequential(OrderedDict(
@@ -286,6 +292,14 @@ def _create_hamiltonian_net(variant: str, pretrained: bool = False, **kwargs) ->
     )
 
 
+def _merge(model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's arguments updated by the user's; a user's ``block_cfg`` updates the model's block (None: none)."""
+    merged = dict(model_args, **kwargs)
+    if 'block_cfg' in model_args and kwargs.get('block_cfg', {}) is not None:
+        merged['block_cfg'] = {**model_args['block_cfg'], **check_block_cfg(kwargs.get('block_cfg'), 'block_cfg')}
+    return merged
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url, 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'fixed_input_size': True,
@@ -318,39 +332,39 @@ default_cfgs = generate_default_cfgs({
 def hamiltonian74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74: 3 Units x 6 Verlet blocks, widths 32/64/112."""
     model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112))
-    return _create_hamiltonian_net('hamiltonian74', pretrained, **dict(model_args, **kwargs))
+    return _create_hamiltonian_net('hamiltonian74', pretrained, **_merge(model_args, kwargs))
 
 
 @register_model
 def nl_hamiltonian74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74 with nonlocal diffusion L blocks (eq. 4.1)."""
-    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), nonlocal_operator='diffusion')
-    return _create_hamiltonian_net('nl_hamiltonian74', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), block_cfg=dict(operator='diffusion'))
+    return _create_hamiltonian_net('nl_hamiltonian74', pretrained, **_merge(model_args, kwargs))
 
 
 @register_model
 def nl_hamiltonian74_frac(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74 with fractional Laplacian (-Delta)^{1/2} blocks (eq. 4.4)."""
-    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), nonlocal_operator='frac_laplacian')
-    return _create_hamiltonian_net('nl_hamiltonian74_frac', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), block_cfg=dict(operator='frac_laplacian'))
+    return _create_hamiltonian_net('nl_hamiltonian74_frac', pretrained, **_merge(model_args, kwargs))
 
 
 @register_model
 def nl_hamiltonian74_invfrac(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74 with inverse fractional Laplacian (-Delta)^{-1/2} blocks (eq. 4.5)."""
-    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), nonlocal_operator='inv_frac_laplacian')
-    return _create_hamiltonian_net('nl_hamiltonian74_invfrac', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), block_cfg=dict(operator='inv_frac_laplacian'))
+    return _create_hamiltonian_net('nl_hamiltonian74_invfrac', pretrained, **_merge(model_args, kwargs))
 
 
 @register_model
 def nl_hamiltonian74_log(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74 with log-kernel (-Delta)^{-1} blocks (eq. 4.6)."""
-    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), nonlocal_operator='log')
-    return _create_hamiltonian_net('nl_hamiltonian74_log', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), block_cfg=dict(operator='log'))
+    return _create_hamiltonian_net('nl_hamiltonian74_log', pretrained, **_merge(model_args, kwargs))
 
 
 @register_model
 def nl_hamiltonian74_4stage(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Nonlocal diffusion network with 4-stage nonlocal blocks (Table 2)."""
-    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), nonlocal_operator='diffusion', nonlocal_stages=4)
-    return _create_hamiltonian_net('nl_hamiltonian74_4stage', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(depths=(6, 6, 6), widths=(32, 64, 112), block_cfg=dict(operator='diffusion', stages=4))
+    return _create_hamiltonian_net('nl_hamiltonian74_4stage', pretrained, **_merge(model_args, kwargs))

@@ -8,6 +8,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor
 
+from ..layers.block_cfg import check_block_cfg
 from ..layers.nonlocal_block import PIDEBlock
 from ..models.hamiltonian_net import HamiltonianNet
 
@@ -20,19 +21,6 @@ MODELS.register_module(module=PIDEBlock)
 _BLOCK_DEFAULTS = dict(stages=2, subsample=3)
 # Spellings before 0.2: the old name and the block_cfg key it became.
 _OLD_BLOCK_ARGS = dict(nonlocal_operator='operator', nonlocal_stages='stages', nonlocal_subsample='subsample')
-
-
-def _check_block_cfg(block_cfg: Optional[Mapping[str, Any]], owner: str) -> Dict[str, Any]:
-    """A copy of ``block_cfg`` (``{}`` for None), or a TypeError naming ``owner``'s argument."""
-    if block_cfg is None:
-        return {}
-    if not isinstance(block_cfg, Mapping):
-        raise TypeError(f'{owner}: block_cfg must be a dict of PIDEBlock arguments or None, '
-                        f'got {type(block_cfg).__name__}')
-    for key in ('channels', 'in_channels'):
-        if key in block_cfg:
-            raise ValueError(f'{owner}: block_cfg must not set {key!r}; the block takes the width of its input')
-    return dict(block_cfg)
 
 
 def _from_old_names(block_cfg: Optional[Mapping[str, Any]], nonlocal_cfg: Optional[Mapping[str, Any]],
@@ -52,7 +40,7 @@ def _from_old_names(block_cfg: Optional[Mapping[str, Any]], nonlocal_cfg: Option
                   f'use one block_cfg dict ({new})', FutureWarning, stacklevel=3)
     if old['nonlocal_operator'] is None:  # as before 0.2: without an operator, no blocks
         return None
-    cfg = dict(nonlocal_cfg or {})
+    cfg = check_block_cfg(nonlocal_cfg, 'PIDEHamiltonianNet')
     cfg.update({_OLD_BLOCK_ARGS[k]: v for k, v in given.items() if k in _OLD_BLOCK_ARGS})
     return cfg
 
@@ -117,17 +105,12 @@ class PIDEHamiltonianNet(BaseModule):
         block_cfg = _from_old_names(block_cfg, nonlocal_cfg, dict(
             nonlocal_operator=nonlocal_operator, nonlocal_stages=nonlocal_stages,
             nonlocal_subsample=nonlocal_subsample))
-        nonlocal_args: Dict[str, Any] = {}
         if block_cfg is not None:
-            # HamiltonianNet spells these three as its own arguments; the rest passes through unchanged.
-            cfg = {**_BLOCK_DEFAULTS, **_check_block_cfg(block_cfg, 'PIDEHamiltonianNet')}
-            nonlocal_args = dict(nonlocal_operator=cfg.pop('operator', 'diffusion'),
-                                 nonlocal_stages=cfg.pop('stages'), nonlocal_subsample=cfg.pop('subsample'),
-                                 nonlocal_kwargs=cfg)
+            block_cfg = {**_BLOCK_DEFAULTS, **check_block_cfg(block_cfg, 'PIDEHamiltonianNet')}
         self.body = HamiltonianNet(
             num_classes=0, in_chans=in_channels, depths=depths, widths=widths, h=h, downsample=downsample,
             nonlocal_units=nonlocal_units, nonlocal_after=nonlocal_after, global_pool='', reversible=reversible,
-            bn_tf=bn_tf, **nonlocal_args)
+            bn_tf=bn_tf, block_cfg=block_cfg)
         self.body.fc = None  # no classifier; keeps checkpoints free of unused parameters
         self.body.global_pool = None
         self.body.head_drop = None

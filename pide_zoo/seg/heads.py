@@ -1,8 +1,9 @@
 """PIDE nonlocal blocks as an mmseg decode head, in place of the NonLocal head (``NLHead``)."""
 from __future__ import annotations
 
+import warnings
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
@@ -10,9 +11,14 @@ from mmseg.models.decode_heads.fcn_head import FCNHead
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
+from ..layers.block_cfg import check_block_cfg
 from ..layers.nonlocal_block import PIDEBlock
 
 __all__ = ['PIDEHead']
+
+# PIDEBlock arguments PIDEHead took directly before 0.3.
+_BLOCK_ARGS = ('operator', 's', 'n', 'stages', 'h', 'lam', 'embed_ratio', 'subsample', 'kernel', 'kernel_params',
+               'symmetric', 'normalizer', 'method', 'tile_size', 'kernel_scale')
 
 
 def _build_norm(norm_cfg: Dict[str, Any], num_features: int, device=None, dtype=None) -> nn.Module:
@@ -32,65 +38,45 @@ class PIDEHead(FCNHead):
     (none where the cfg is None); its convolutions keep the block's He initialisation.
 
     Args:
-        operator: ``'diffusion'`` (L, eq. 4.1), ``'frac_laplacian'`` ((-Delta)^s, 4.4),
-            ``'inv_frac_laplacian'`` ((-Delta)^-s, 4.5), ``'log'`` ((-Delta)^-1, 4.6) or an alias.
-        s: order s of the fractional operators (None: the paper's 1/2, 1/2, n/2).
-        n: dimension n in the constants c_{n,s}.
-        stages: number of stages S.
-        h: step size h.
-        lam: kernel scaling lambda.
-        embed_ratio: width of the theta/phi embeddings relative to ``channels``.
-        subsample: max-pool size on the key side (1 = off).
-        kernel: ``'dot'`` or ``'embedded_gaussian'`` (diffusion only).
-        kernel_params: a registered operator's own parameters (see :func:`~pide_zoo.layers.register_operator`).
-        symmetric: theta on both sides of the kernel (no phi).
-        normalizer: ``'key'`` (None), ``'query'``, ``'rowsum'`` or a number.
-        method: evaluation path of the aggregate (``'auto'``; see :class:`PIDEBlock`).
-        tile_size: query positions per tile of the tiled (fused) path.
-        kernel_scale: ``'width'`` (the kernel's argument per embedding width, so every operator learns at
-            any ``channels``), ``'paper'`` (the paper's exact kernel) or a number (see :class:`PIDEBlock`).
+        block_cfg: :class:`PIDEBlock` arguments (``operator``, ``s``, ``stages``, ``h``, ``lam``, ``subsample``,
+            ``kernel``, ``kernel_params``, ``normalizer``, ``method``, ``kernel_scale``, ...), e.g.
+            ``dict(operator='frac_laplacian', subsample=2)``; unset keys take the block's defaults (diffusion,
+            ``kernel_scale='width'``, keys pooled by 2), its norm and activation the head's ``norm_cfg``/``act_cfg``.
         **kwargs: :class:`~mmseg.models.decode_heads.FCNHead` arguments (``in_channels``, ``channels``,
-            ``num_classes``, ``concat_input``, ``norm_cfg``, ``act_cfg``, ...; ``num_convs`` is 2).
+            ``num_classes``, ``concat_input``, ``norm_cfg``, ``act_cfg``, ...; ``num_convs`` is 2). The block's
+            arguments given here directly (``operator=...``, the spelling before 0.3) still work, with a
+            FutureWarning; they are removed in pide_zoo 0.4.
 
     Examples:
         >>> import torch
         >>> from pide_zoo.seg.heads import PIDEHead
-        >>> head = PIDEHead(in_channels=64, channels=16, num_classes=19, operator='frac_laplacian',
-        ...                 subsample=2, norm_cfg=dict(type='BN'))
+        >>> head = PIDEHead(in_channels=64, channels=16, num_classes=19, norm_cfg=dict(type='BN'),
+        ...                 block_cfg=dict(operator='frac_laplacian', subsample=2))
         >>> head.pide_block.operator, head.pide_block.s, head.pide_block.subsample
         ('frac_laplacian', 0.5, 2)
         >>> head([torch.rand(2, 64, 32, 64)]).shape
         torch.Size([2, 19, 32, 64])
     """
 
-    def __init__(
-            self,
-            operator: str = 'diffusion',
-            s: Optional[float] = None,
-            n: int = 2,
-            stages: int = 2,
-            h: float = 0.06,
-            lam: float = 0.1,
-            embed_ratio: float = 0.5,
-            subsample: int = 2,
-            kernel: str = 'dot',
-            kernel_params: Optional[Dict[str, Any]] = None,
-            symmetric: bool = False,
-            normalizer: Union[str, float, None] = None,
-            method: str = 'auto',
-            tile_size: Optional[int] = None,
-            kernel_scale: Union[str, float] = 'width',
-            **kwargs: Any,
-    ):
+    def __init__(self, block_cfg: Optional[Dict[str, Any]] = None, **kwargs: Any):
+        old = {k: kwargs.pop(k) for k in list(kwargs) if k in _BLOCK_ARGS}
+        if old:
+            if block_cfg is not None:
+                raise ValueError(f'PIDEHead: got block_cfg and the block arguments {sorted(old)}; move them into '
+                                 'block_cfg')
+            warnings.warn(f'PIDEHead: the block arguments {sorted(old)} are deprecated and will be removed in '
+                          f'pide_zoo 0.4; pass them as block_cfg=dict({", ".join(f"{k}=..." for k in old)})',
+                          FutureWarning, stacklevel=2)
+            block_cfg = old
+        cfg = check_block_cfg(block_cfg, 'PIDEHead')
+        for key in ('norm_layer', 'act_layer'):
+            if key in cfg:
+                raise ValueError(f"PIDEHead: block_cfg must not set {key!r}; the head's norm_cfg and act_cfg give them")
         super().__init__(num_convs=2, **kwargs)
         norm_layer: Callable[..., nn.Module] = partial(_build_norm, self.norm_cfg) if self.norm_cfg else nn.Identity
         act_layer: Callable[..., nn.Module] = (
             partial(build_activation_layer, self.act_cfg) if self.act_cfg else nn.Identity)
-        self.pide_block = PIDEBlock(
-            self.channels, operator=operator, s=s, n=n, stages=stages, h=h, lam=lam, embed_ratio=embed_ratio,
-            subsample=subsample, kernel=kernel, kernel_params=kernel_params, symmetric=symmetric,
-            normalizer=normalizer, method=method,
-            tile_size=tile_size, kernel_scale=kernel_scale, norm_layer=norm_layer, act_layer=act_layer)
+        self.pide_block = PIDEBlock(self.channels, norm_layer=norm_layer, act_layer=act_layer, **cfg)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         x = self._transform_inputs(inputs)

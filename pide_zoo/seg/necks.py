@@ -7,8 +7,8 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
+from ..layers.block_cfg import check_block_cfg
 from ..layers.nonlocal_block import PIDEBlock
-from .backbones import _check_block_cfg
 
 __all__ = ['PIDENeck']
 
@@ -33,7 +33,7 @@ class PIDENeck(BaseModule):
         for i in indices:
             if not isinstance(i, int) or not 0 <= i < len(self.in_channels):
                 raise ValueError(f'indices must lie in [0, {len(self.in_channels)}) (one per input), got {i!r}')
-        block_cfg = _check_block_cfg(block_cfg, 'PIDENeck')
+        block_cfg = check_block_cfg(block_cfg, 'PIDENeck')
         self.blocks = nn.ModuleDict({str(i): PIDEBlock(self.in_channels[i], **block_cfg) for i in indices})
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:

@@ -3,7 +3,6 @@ low-rank, fused or dense path."""
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from numbers import Real
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -69,14 +68,15 @@ def bind_kernel(operator: str, s: Optional[float] = None, n: int = 2, lam: float
     op = get_operator(operator)
     s = op.check_s(s, n)
     kernel = resolve_kernel(kernel, op)
-    return _bind(op.name, s, n, float(lam), kernel, float(_check_embed_scale(embed_scale)),
-                 tuple(sorted(op.check_params(kernel_params).items())))
+    key = (op.name, s, n, float(lam), kernel, float(_check_embed_scale(embed_scale)),
+           tuple(sorted(op.check_params(kernel_params).items())))
+    bound = _BOUND.get(key)
+    if bound is None:  # bound once per distinct argument set: a block's every forward reuses it
+        bound = _BOUND[key] = BoundKernel(op, *key[1:6], dict(key[6]))
+    return bound
 
 
-@lru_cache(maxsize=256)
-def _bind(operator: str, s, n, lam, kernel, embed_scale, params: tuple) -> BoundKernel:
-    # Bound once per distinct argument set: a block's every forward reuses it.
-    return BoundKernel(get_operator(operator), s, n, lam, kernel, embed_scale, dict(params))
+_BOUND: dict = {}
 
 
 def width_scale(operator: str, kernel: Optional[str], embed_channels: int) -> float:

@@ -215,8 +215,8 @@ def register_operator(name: str, *, weight: Weight, derivative: Weight, form: st
     op = _add(Operator(name=name, variable=variable, form=form, weight=weight, derivative=derivative,
                        constant=constant, tau=float(tau), params=dict(params or {}), aliases=tuple(aliases),
                        singular=bool(singular), formula=formula), replace=replace)
-    from .api import _bind  # kernels bound from a replaced row are stale
-    _bind.cache_clear()
+    from .api import _BOUND  # kernels bound from a replaced row are stale
+    _BOUND.clear()
     return op
 
 

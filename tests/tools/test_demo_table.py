@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip('mmengine', reason='reads mmengine config copies: pip install -e .[seg]')
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 import demo_table  # noqa: E402
 

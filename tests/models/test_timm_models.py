@@ -12,7 +12,7 @@ import pide_zoo
 from pide_zoo.layers import PIDEBlock, smoothness_penalty
 from pide_zoo.models import HamiltonianNet, insert_pide_blocks
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 OURS = ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac',
         'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage', 'resnet44_cifar', 'preresnet20_cifar']
@@ -48,8 +48,8 @@ def test_parameter_counts_match_paper(name):
 def test_segmentation_layout_counts_match_table3():
     """No pooling, 1x1 conv head to 20 classes: 0.49 M (Hamiltonian-74), 0.54 M (nonlocal), Table 3."""
     for operator, want in ((None, 0.49), ('diffusion', 0.54), ('log', 0.54)):
-        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator=operator,
-                              nonlocal_subsample=3, img_size=(90, 160))
+        body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, img_size=(90, 160),
+                              block_cfg=None if operator is None else dict(operator=operator, subsample=3))
         got = _count(body) + _count(nn.Conv2d(112, 20, 1))
         assert abs(got - want) <= 0.01, (operator, got)
 
@@ -168,15 +168,33 @@ def test_reversible_model_matches_stored():
 
 
 def test_keyword_arguments_change_the_layout():
-    model = timm.create_model('nl_hamiltonian74', depths=(2, 3, 4), widths=(16, 32, 48), nonlocal_units=(2,),
-                              nonlocal_after=1, nonlocal_stages=4, nonlocal_subsample=1,
-                              nonlocal_kwargs=dict(lam=0.5, h=0.1))
+    model = timm.create_model('nl_hamiltonian74_log', depths=(2, 3, 4), widths=(16, 32, 48), nonlocal_units=(2,),
+                              nonlocal_after=1, block_cfg=dict(stages=4, subsample=1, lam=0.5, h=0.1))
     assert [len(s.unit.blocks) for s in model.stages] == [2, 3, 4]
     blocks = [m for m in model.modules() if isinstance(m, PIDEBlock)]
     assert len(blocks) == 1 and blocks[0].channels == 48 and blocks[0].stages == 4
+    assert blocks[0].operator == 'log'  # the user's block_cfg updates the model's
     assert blocks[0].subsample == 1 and blocks[0].lam == 0.5 and blocks[0].h == 0.1
     assert list(model.stages[2].unit.nonlocals) == ['1']
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_old_nonlocal_arguments_still_work_with_a_warning():
+    torch.manual_seed(0)
+    new = timm.create_model('hamiltonian74', block_cfg=dict(operator='log', stages=3, subsample=1, lam=0.5))
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match=r"removed in pide_zoo 0\.4; use one block_cfg dict \(.*nonlocal_operator "
+                                           r'-> block_cfg\.operator'):
+        old = timm.create_model('hamiltonian74', nonlocal_operator='log', nonlocal_stages=3, nonlocal_subsample=1,
+                                nonlocal_kwargs=dict(lam=0.5))
+    assert repr(old) == repr(new)
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    with pytest.warns(FutureWarning):  # another operator for a registered nonlocal model, as before
+        frac = timm.create_model('nl_hamiltonian74', nonlocal_operator='frac', nonlocal_kwargs=dict(h=0.2))
+    assert {(b.operator, b.h) for b in frac.modules() if isinstance(b, PIDEBlock)} == {('frac_laplacian', 0.2)}
+    with pytest.warns(FutureWarning):  # without an operator the old arguments built no blocks
+        assert not [m for m in timm.create_model('hamiltonian74', nonlocal_kwargs=dict(h=1.0)).modules()
+                    if isinstance(m, PIDEBlock)]
 
 
 def test_smoothness_penalty_on_model():
@@ -210,7 +228,7 @@ def test_attn_layer_and_insert_helper():
     (lambda: timm.create_model('hamiltonian74', in_chans=1)(torch.randn(1, 3, 32, 32)), 'in_chans=1'),
     (lambda: timm.create_model('hamiltonian74')(torch.randn(1, 3, 6, 6)), 'smaller than the network pooling'),
     (lambda: timm.create_model('hamiltonian74')(torch.randn(1, 3, 64, 64)), "'flatten' head was built for"),
-    (lambda: timm.create_model('hamiltonian74', nonlocal_operator='wave'), 'operator must be one of'),
+    (lambda: timm.create_model('hamiltonian74', block_cfg=dict(operator='wave')), 'operator must be one of'),
     (lambda: timm.create_model('hamiltonian74', img_size=6), 'img_size=.* is too small'),
     (lambda: timm.create_model('hamiltonian74', global_pool='max'), 'global_pool must be one of'),
     (lambda: timm.create_model('resnet44_cifar', depth=45), 'depth must be 6n'),
@@ -229,11 +247,13 @@ def _fresh_python(code, **env):
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', COLUMNS='1000', **env))
 
 
-_LOADED = 'import sys; print(sorted({m.split(".")[0] for m in sys.modules} & {"mmengine", "mmseg", "mmcv"}))'
+_LOADED = ('import sys; print(sorted({m.split(".")[0] for m in sys.modules} & '
+           '{"mmengine", "mmseg", "mmcv", "fvcore", "matplotlib"}))')
 
 
 def test_import_is_light():
-    """``import pide_zoo`` (and its training and export helpers) need torch and timm, no OpenMMLab package."""
+    """``import pide_zoo`` (and its training and export helpers) need torch and timm: no OpenMMLab package, no
+    fvcore, no matplotlib."""
     out = _fresh_python('import pide_zoo, pide_zoo.training, pide_zoo.export; ' + _LOADED)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == '[]'

@@ -4,16 +4,17 @@ import os.path as osp
 
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 
 pytest.importorskip('mmseg', reason='mmseg configs need the seg extra: pip install -e .[seg]')
+pytest.importorskip('fvcore', reason='FLOP counting needs the flops extra: pip install -e .[flops]')
 
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
 from pide_zoo.flops import module_flop_analysis  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 FCN = 'mmseg::fcn/fcn_r50-d8_4xb2-40k_cityscapes-512x1024.py'
 NONLOCAL = ['bdd100k_pide_diffusion.py', 'bdd100k_pide_diffusion_void.py', 'bdd100k_pide_frac.py',
             'bdd100k_pide_invfrac.py', 'bdd100k_pide_log.py']

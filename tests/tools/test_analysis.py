@@ -25,7 +25,7 @@ from pide_zoo.analysis import (
 )
 from pide_zoo.layers import HamiltonianBlock, PIDEBlock
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 SMALL = dict(depths=(2, 2, 1), widths=(8, 8, 16))
 
@@ -63,7 +63,7 @@ def test_matrix_spectrum_counts_rounding_noise_as_zero(monkeypatch):
 
 
 def test_nonlocal_spectra_cover_every_block_and_stage():
-    model = _small(nonlocal_stages=3)
+    model = _small(block_cfg=dict(stages=3))
     spectra = nonlocal_spectra(model)
     assert [b['channels'] for b in spectra['blocks']] == [8, 8, 16]
     assert all(len(b['stages']) == 3 and b['operator'] == 'diffusion' for b in spectra['blocks'])
@@ -118,6 +118,7 @@ def test_perturbations_fgsm_is_worse_than_random():
 
 
 def test_plots_write_png(tmp_path):
+    pytest.importorskip('matplotlib', reason='the plots need the analysis extra: pip install -e .[analysis]')
     model = _small()
     paths = plot_spectra(nonlocal_spectra(model), str(tmp_path / 's_'), title='t')
     x, target = torch.randn(3, 3, 32, 32), torch.arange(3)
@@ -147,6 +148,7 @@ def _check_outputs(folder, name, figures):
 
 @pytest.mark.slow
 def test_tools_on_fresh_and_briefly_trained_models(tmp_path):
+    pytest.importorskip('matplotlib', reason='the tools plot: pip install -e .[analysis]')
     kwargs = ['--model-kwargs', 'depths=(2,2,1)', 'widths=(8,8,16)']
     # a briefly trained nonlocal model and Hamiltonian baseline on the bundled digits
     for model in ('nl_hamiltonian74', 'hamiltonian74'):

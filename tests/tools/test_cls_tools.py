@@ -42,7 +42,7 @@ from pide_zoo.training import (
     weight_decay_param_groups,
 )
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 TINY = ['--model', 'hamiltonian74', '--model-kwargs', 'depths=(2,1,1)', 'widths=(8,8,16)']
 

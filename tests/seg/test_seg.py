@@ -24,7 +24,7 @@ from pide_zoo.models import _paper_norm  # noqa: E402
 from pide_zoo.seg.datasets import make_longrange_sample  # noqa: E402
 from pide_zoo.training import load_model  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 MMSEG_TOOLS = osp.join(osp.dirname(__import__('mmseg').__file__), '.mim', 'tools')
 
@@ -622,6 +622,7 @@ def test_demo_config_runs(tmp_path):
 
 @pytest.mark.slow
 def test_demo_figure_from_two_checkpoints(tmp_path):
+    pytest.importorskip('matplotlib', reason='the figure needs the analysis extra: pip install -e .[analysis]')
     from mmseg.apis import init_model
     from PIL import Image
 

@@ -1,7 +1,6 @@
 """PIDEHead (pide_zoo.seg.heads) and its configs in configs/pidehead/."""
 import doctest
 import gc
-import inspect
 import os
 import os.path as osp
 import re
@@ -29,7 +28,7 @@ import pide_zoo.seg.heads  # noqa: E402
 from pide_zoo.layers import PIDEBlock  # noqa: E402
 from pide_zoo.seg.heads import PIDEHead  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
 MMSEG_DIR = osp.dirname(__import__('mmseg').__file__)
 MMSEG_CONFIGS = osp.join(MMSEG_DIR, '.mim', 'configs')
@@ -75,7 +74,7 @@ def test_config_is_the_nonlocal_config_with_the_head_replaced(name, operator, sc
     assert cfg['custom_imports'] == dict(imports=['pide_zoo.seg'], allow_failed_imports=False)
     head, nl_head = cfg['model'].pop('decode_head'), nl['model'].pop('decode_head')
     want = {k: v for k, v in nl_head.items() if k not in NL_ONLY_KEYS}
-    want.update(type='PIDEHead', operator=operator)
+    want.update(type='PIDEHead', block_cfg=dict(operator=operator))
     assert head == want and head['num_classes'] == classes
     for key in ('custom_imports', 'pide_head'):
         cfg.pop(key)
@@ -149,7 +148,7 @@ def _manual(head, operator, concat_input):
 @pytest.mark.parametrize('concat_input', [True, False])
 def test_head_equals_its_composition_in_values_and_gradients(operator, concat_input):
     torch.manual_seed(0)
-    head = PIDEHead(in_channels=6, channels=4, num_classes=3, dropout_ratio=0, operator=operator,
+    head = PIDEHead(in_channels=6, channels=4, num_classes=3, dropout_ratio=0, block_cfg=dict(operator=operator),
                     concat_input=concat_input, norm_cfg=dict(type='BN')).double()
     forward, pairs, _ = _manual(head, operator, concat_input)
     x = torch.randn(2, 6, 8, 12, dtype=torch.float64)
@@ -181,8 +180,8 @@ def test_frac_head_learns_at_r50_width():
     grads = {}
     for operator, scale in (('diffusion', 'width'), ('frac_laplacian', 'width'), ('frac_laplacian', 'paper')):
         torch.manual_seed(0)
-        head = PIDEHead(in_channels=2048, channels=512, num_classes=19, operator=operator, kernel_scale=scale,
-                        norm_cfg=dict(type='BN'))
+        head = PIDEHead(in_channels=2048, channels=512, num_classes=19, norm_cfg=dict(type='BN'),
+                        block_cfg=dict(operator=operator, kernel_scale=scale))
         head([x]).square().mean().backward()
         grads[operator, scale] = _relative_grad(head.pide_block.convs[0])
     diffusion = grads['diffusion', 'width']
@@ -207,18 +206,31 @@ def test_head_picks_its_input_by_in_index():
     (dict(operator='log', kernel_scale=3.0), dict(operator='log', kernel_scale=3.0, embed_scale=3.0)),
 ])
 def test_every_block_argument_passes_through(block_args, want):
-    block = PIDEHead(in_channels=8, channels=8, num_classes=2, **block_args).pide_block
+    block = PIDEHead(in_channels=8, channels=8, num_classes=2, block_cfg=block_args).pide_block
     assert {k: getattr(block, k) for k in want} == want
     # and nothing else differs from the block built directly (the same resolved method, widths, ...)
     assert repr(block) == repr(PIDEBlock(8, norm_layer=nn.Identity, **block_args))  # norm_cfg=None: no norm
 
 
 def test_head_defaults_are_the_block_defaults():
-    block = inspect.signature(PIDEBlock).parameters
-    own = [p for p in inspect.signature(PIDEHead).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert [p.name for p in own] == ['operator', 's', 'n', 'stages', 'h', 'lam', 'embed_ratio', 'subsample', 'kernel',
-                                     'kernel_params', 'symmetric', 'normalizer', 'method', 'tile_size', 'kernel_scale']
-    assert {p.name: p.default for p in own} == {p.name: block[p.name].default for p in own}
+    head = PIDEHead(in_channels=8, channels=8, num_classes=2).pide_block  # FCNHead's norm_cfg=None: no norm
+    assert repr(head) == repr(PIDEBlock(8, norm_layer=nn.Identity))
+
+
+def test_flat_block_arguments_still_work_with_a_warning():
+    """The spelling before 0.3: the block's arguments on the head itself."""
+    torch.manual_seed(0)
+    new = PIDEHead(in_channels=8, channels=8, num_classes=2, block_cfg=dict(operator='log', subsample=1, lam=0.3))
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match=r"PIDEHead: the block arguments \['lam', 'operator', 'subsample'\] are "
+                                           r'deprecated and will be removed in pide_zoo 0\.4; pass them as block_cfg'):
+        old = PIDEHead(in_channels=8, channels=8, num_classes=2, operator='log', subsample=1, lam=0.3)
+    assert repr(old) == repr(new)
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    with pytest.raises(ValueError, match='got block_cfg and the block arguments'):
+        PIDEHead(in_channels=8, channels=8, num_classes=2, operator='log', block_cfg=dict(subsample=1))
+    with pytest.raises(ValueError, match="block_cfg must not set 'norm_layer'"):
+        PIDEHead(in_channels=8, channels=8, num_classes=2, block_cfg=dict(norm_layer=nn.BatchNorm2d))
 
 
 def test_norm_and_act_cfg_reach_the_block():
@@ -235,15 +247,16 @@ def test_norm_and_act_cfg_reach_the_block():
 
 def test_head_builds_from_the_registry():
     init_default_scope('mmseg')
-    head = MODELS.build(dict(type='PIDEHead', in_channels=8, channels=4, num_classes=2, operator='log'))
+    head = MODELS.build(dict(type='PIDEHead', in_channels=8, channels=4, num_classes=2, block_cfg=dict(operator='log')))
     assert type(head) is PIDEHead and head.pide_block.operator == 'log'
 
 
 @pytest.mark.parametrize('kwargs,error,match', [
-    (dict(operator='nonlocal'), ValueError, r"operator must be one of .*'diffusion'.* got 'nonlocal'"),
-    (dict(method='fast'), ValueError, r'method must be one of'),
-    (dict(subsample=0), ValueError, r'subsample must be a positive int, got 0'),
-    (dict(operator='diffusion', s=0.5), ValueError, r"s is not used by operator 'diffusion'"),
+    (dict(block_cfg=dict(operator='nonlocal')), ValueError, r"operator must be one of .*'diffusion'.* got 'nonlocal'"),
+    (dict(block_cfg=dict(method='fast')), ValueError, r'method must be one of'),
+    (dict(block_cfg=dict(subsample=0)), ValueError, r'subsample must be a positive int, got 0'),
+    (dict(block_cfg=dict(operator='diffusion', s=0.5)), ValueError, r"s is not used by operator 'diffusion'"),
+    (dict(block_cfg='log'), TypeError, r'PIDEHead: block_cfg must be a dict'),
     (dict(reduction=2), TypeError, r"unexpected keyword argument 'reduction'"),  # NLHead's keys left in
 ])
 def test_bad_arguments_name_the_argument(kwargs, error, match):

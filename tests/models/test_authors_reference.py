@@ -150,7 +150,7 @@ def _nonlocal(stage):
 @pytest.mark.parametrize('typ', sorted(PSEUDO_MODELS))
 def test_nonlocal_pseudo(typ, norm):
     """Nonlocal_pseudo types 2-4, norm1 / norm2, in the CIFAR network (keys max-pooled by 2)."""
-    model = timm.create_model(PSEUDO_MODELS[typ], nonlocal_kwargs=NORMS[norm] or None)
+    model = timm.create_model(PSEUDO_MODELS[typ], block_cfg=NORMS[norm])
     block = _take(model, _nonlocal(0))
     assert block.subsample == 2
     _check(block, _pide_reference(block, 2, typ=typ, norm=norm), _input(32, 8))
@@ -159,7 +159,7 @@ def test_nonlocal_pseudo(typ, norm):
 @pytest.mark.parametrize('affinity', sorted(AFFINITIES))
 def test_nonlocal_diff(affinity):
     """Nonlocal_diff (version 2) with affinity dot1, dot2 and embed_gaussian, in the CIFAR network."""
-    model = timm.create_model('nl_hamiltonian74', nonlocal_kwargs=AFFINITIES[affinity] or None)
+    model = timm.create_model('nl_hamiltonian74', block_cfg=AFFINITIES[affinity])
     block = _take(model, _nonlocal(1))
     _check(block, _pide_reference(block, 2, affinity=affinity), _input(64, 8))
 
@@ -179,7 +179,7 @@ def test_key_pools(operator, pool):
     remainder dropped) and by 4 (their STL-10 networks, from the tag)."""
     name = 'nl_hamiltonian74' + {'diffusion': '', 'frac_laplacian': '_frac', 'inv_frac_laplacian': '_invfrac',
                                  'log': '_log'}[operator]
-    model = timm.create_model(name + '.stl10') if pool == 4 else timm.create_model(name, nonlocal_subsample=pool)
+    model = timm.create_model(name + '.stl10') if pool == 4 else timm.create_model(name, block_cfg=dict(subsample=pool))
     block = _take(model, _nonlocal(0))
     assert block.subsample == pool
     kind = dict(affinity='dot1') if operator == 'diffusion' else dict(typ=OPERATOR_TYP[operator])
@@ -238,7 +238,7 @@ def _wrong(setting):
         block.conv1.load_state_dict(right.state_dict())
         return block, _resnet_reference(block, strides=2), _input(16, 8)
     if setting == 'h':
-        model = timm.create_model('nl_hamiltonian74_log', h=0.05, nonlocal_kwargs=dict(h=0.06))
+        model = timm.create_model('nl_hamiltonian74_log', h=0.05, block_cfg=dict(h=0.06))
     else:
         norm = partial(nn.BatchNorm2d, eps=1e-5, momentum=0.01) if setting == 'eps' else partial(tf_bn, momentum=0.1)
         model = timm.create_model('nl_hamiltonian74_log', h=0.05, norm_layer=norm)

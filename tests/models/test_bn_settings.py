@@ -46,7 +46,7 @@ def test_pide_blocks_take_the_network_h_and_norm_layer():
     assert len(blocks) == 3 and all(b.h == 0.05 for b in blocks)
     assert all(hb.h == 0.05 for s in model.stages for hb in s.unit.blocks)
     assert all((n.eps, n.momentum) == TF for b in blocks for n in b.norms)
-    own = timm.create_model('nl_hamiltonian74_log', h=0.05, nonlocal_kwargs=dict(h=0.2, norm_layer=nn.BatchNorm2d))
+    own = timm.create_model('nl_hamiltonian74_log', h=0.05, block_cfg=dict(h=0.2, norm_layer=nn.BatchNorm2d))
     assert all(s.unit.nonlocals['2'].h == 0.2 for s in own.stages)
     assert _settings(own.stages[0].unit.nonlocals['2']) == {TORCH} and _settings(own.stem) == {TF}
     # the default h is the authors' 0.06 everywhere
@@ -57,8 +57,8 @@ def test_h_changes_the_pide_blocks_output():
     """The network's h reaches the PIDE blocks: equal to setting it on them, unequal to their old 0.06."""
     torch.manual_seed(0)
     a = timm.create_model('nl_hamiltonian74_frac', h=0.05).double().eval()
-    same = timm.create_model('nl_hamiltonian74_frac', h=0.05, nonlocal_kwargs=dict(h=0.05)).double().eval()
-    old = timm.create_model('nl_hamiltonian74_frac', h=0.05, nonlocal_kwargs=dict(h=0.06)).double().eval()
+    same = timm.create_model('nl_hamiltonian74_frac', h=0.05, block_cfg=dict(h=0.05)).double().eval()
+    old = timm.create_model('nl_hamiltonian74_frac', h=0.05, block_cfg=dict(h=0.06)).double().eval()
     same.load_state_dict(a.state_dict())
     old.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -147,7 +147,7 @@ def test_metadata_free_state_dicts_and_timm_checkpoint_path_load_quietly(tmp_pat
 
 
 def test_segmentation_layout_without_classifier_records_too():
-    body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, nonlocal_operator='log')
+    body = HamiltonianNet(num_classes=0, global_pool='', downsample=False, block_cfg=dict(operator='log'))
     assert body.state_dict()._metadata['']['bn_eps'] == 1e-3
     gn = HamiltonianNet(num_classes=0, global_pool='', norm_layer=lambda c, **kw: nn.GroupNorm(2, c, **kw))
     assert 'bn_eps' not in gn.state_dict()._metadata['']

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+pytest.importorskip('fvcore', reason='needs the flops extra: pip install -e .[flops]')
+
 from pide_zoo.flops import (
     ALL_MODELS,
     DATASETS,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README_LIMIT = 12 * 1024
 # Modules whose __all__ the API reference must cover, and the other documented modules that may hold the entry of a
 # re-exported name (pide_zoo.PIDEBlock is documented as pide_zoo.layers.PIDEBlock).

@@ -79,7 +79,7 @@ def test_paper_networks_keep_the_paper_kernel_and_mixed_in_blocks_get_the_width_
     from pide_zoo import insert_pide_blocks
     for name in ('nl_hamiltonian74_frac', 'nl_hamiltonian74_log'):
         assert {b.kernel_scale for b in timm.create_model(name).modules() if isinstance(b, PIDEBlock)} == {'paper'}
-    model = timm.create_model('hamiltonian74', nonlocal_operator='frac', nonlocal_kwargs=dict(kernel_scale='width'))
+    model = timm.create_model('hamiltonian74', block_cfg=dict(operator='frac', kernel_scale='width'))
     assert {b.kernel_scale for b in model.modules() if isinstance(b, PIDEBlock)} == {'width'}
     model = insert_pide_blocks(timm.create_model('resnet18'), operator='frac')
     assert [b.kernel_scale for b in model.pide_blocks.values()] == ['width']

@@ -1,0 +1,10 @@
+"""The tests mirror the package (layers, models, seg, tools, docs); the shared references (``reference.py``,
+``authors_reference.py``) live here and a few test modules share helpers, so every folder is importable."""
+import os.path as osp
+import sys
+
+HERE = osp.dirname(osp.abspath(__file__))
+for folder in ('', 'layers', 'models', 'seg', 'tools', 'docs'):
+    path = osp.join(HERE, folder)
+    if path not in sys.path:
+        sys.path.insert(0, path)
