@@ -26,7 +26,7 @@ class _PointwiseConv(torch.autograd.Function):
         w2 = weight.view(weight.shape[0], c).expand(b, -1, -1)
         xf = x.view(b, c, h * w)
         y = torch.bmm(w2, xf) if bias is None else torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, h * w), w2, xf)
-        return y.view(b, -1, h, w)
+        return y.view(b, weight.shape[0], h, w)
 
     @staticmethod
     def backward(ctx, grad):  # differentiable torch ops: twice differentiable, as F.conv2d

@@ -38,6 +38,8 @@ class HamiltonianBlock(nn.Module):
         norm_layer: normalisation between K and the activation (None: none, as the paper's eq. 2.6).
         act_layer: the activation sigma.
         transpose_bias: add the conv's bias again after K^T (the authors' code).
+        drop_path: stochastic depth: in training, the probability that a sample skips this step (both half
+            steps, one draw per sample, the kept ones scaled by 1 / (1 - p) as timm's ``DropPath``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class HamiltonianBlock(nn.Module):
             norm_layer: Optional[Callable[..., nn.Module]] = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             transpose_bias: bool = True,
+            drop_path: float = 0.0,
             *,
             device=None,
             dtype=None,
@@ -59,6 +62,9 @@ class HamiltonianBlock(nn.Module):
             raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size!r}')
         if not h > 0:
             raise ValueError(f'h must be a positive number, got {h!r}')
+        if not 0 <= drop_path < 1:
+            raise ValueError(f'drop_path must be in [0, 1), got {drop_path!r}')
+        self.drop_path = float(drop_path)
         dd = dict(device=device, dtype=dtype)
         half = channels // 2
         self.channels = channels
@@ -94,6 +100,12 @@ class HamiltonianBlock(nn.Module):
     def forward(self, x: Tensor, update_stats: bool = True) -> Tensor:
         _check_block_input(x, self.channels)
         y, z = x.chunk(2, dim=1)
+        if self.drop_path and self.training:  # one draw per sample for both half steps: the step is skipped
+            keep = 1.0 - self.drop_path
+            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
+            y = y + self.h * self.force(z, self.conv1, self.bn1, update_stats) * mask
+            z = z - self.h * self.force(y, self.conv2, self.bn2, update_stats) * mask
+            return torch.cat([y, z], dim=1)
         y = y + self.h * self.force(z, self.conv1, self.bn1, update_stats)
         z = z - self.h * self.force(y, self.conv2, self.bn2, update_stats)
         return torch.cat([y, z], dim=1)
@@ -145,6 +157,9 @@ def reversible_chain(blocks: Sequence[HamiltonianBlock], x: Tensor) -> Tensor:
     Training memory no longer grows with the number of blocks; gradients equal those of the plain
     chain up to the rounding of the reconstructed inputs.
     """
+    if any(b.drop_path and b.training for b in blocks):
+        raise ValueError('reversible back-propagation cannot recompute a step that stochastic depth dropped at random; '
+                         'train with drop_path_rate=0 or without reversible / set_grad_checkpointing')
     params = [p for b in blocks for p in b.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or params):
         return _ReversibleFunction.apply(x, list(blocks), *params)
@@ -165,6 +180,7 @@ class HamiltonianUnit(nn.Module):
         nonlocal_after: positions (number of Hamiltonian blocks before it) of the nonlocal blocks;
             the paper puts one after the 2nd block.
         reversible: recompute block activations in the backward pass instead of storing them.
+        drop_path: stochastic depth of each Hamiltonian block (a sequence of ``depth`` rates), or None.
         **block_kwargs: passed to :class:`HamiltonianBlock` (``norm_layer``, ``act_layer``, ...).
     """
 
@@ -176,6 +192,7 @@ class HamiltonianUnit(nn.Module):
             nonlocal_layer: Optional[Callable[..., nn.Module]] = None,
             nonlocal_after: Sequence[int] = (2,),
             reversible: bool = False,
+            drop_path: Optional[Sequence[float]] = None,
             *,
             device=None,
             dtype=None,
@@ -187,7 +204,10 @@ class HamiltonianUnit(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = channels
         self.reversible = reversible
-        self.blocks = nn.ModuleList([HamiltonianBlock(channels, h, **block_kwargs, **dd) for _ in range(depth)])
+        rates = list(drop_path) if drop_path is not None else [0.0] * depth
+        if len(rates) != depth:
+            raise ValueError(f'drop_path must hold one rate per block ({depth}), got {len(rates)}')
+        self.blocks = nn.ModuleList([HamiltonianBlock(channels, h, drop_path=r, **block_kwargs, **dd) for r in rates])
         self.nonlocals = nn.ModuleDict()
         if nonlocal_layer is not None:
             for pos in sorted(set(nonlocal_after)):

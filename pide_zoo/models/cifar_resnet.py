@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._paper_norm import BatchNormRecordMixin, paper_norm_layer
@@ -168,6 +168,7 @@ class CifarResNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         dd = dict(device=device, dtype=dtype)
         n = (depth - 2) // per
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.grad_checkpointing = False
         self.stem = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, base_width, 3, 1, 1, **dd), bn=norm_layer(base_width, **dd), act=act_layer()))
         stages, self.feature_info = [], []
@@ -209,8 +210,7 @@ class CifarResNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise ValueError('grad checkpointing is not supported by CifarResNet')
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -232,7 +232,12 @@ class CifarResNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_chans, 1)
-        return self.final_norm(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)  # each block's activations recomputed in the backward pass
+        else:
+            x = self.stages(x)
+        return self.final_norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.global_pool(x))

@@ -104,6 +104,9 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         head_pool: average pool before the flatten head (default from ``img_size``: 2 at 32 px, 8 at 96 px).
         global_pool: ``'flatten'`` (the paper's pool + flatten), ``'avg'`` (global average) or ``''`` (none).
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the Hamiltonian blocks (timm's ``--drop-path``), rising linearly
+            from 0 at the first block to this rate at the last (each sample skips a whole Verlet step); it
+            cannot be combined with reversible back-propagation.
         reversible: recompute Hamiltonian activations in the backward pass instead of storing them.
         bn_tf: batch norm with the authors' (Keras's) eps = 1e-3 and momentum 0.01 (True, default), or
             PyTorch's eps = 1e-5 and momentum 0.1 (False, the paper networks of pide_zoo 0.2 and earlier).
@@ -131,6 +134,7 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             head_pool: Optional[int] = None,
             global_pool: str = 'flatten',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
             reversible: bool = False,
             bn_tf: bool = True,
             norm_layer: Optional[Callable[..., nn.Module]] = None,
@@ -154,6 +158,11 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}')
         dd = dict(device=device, dtype=dtype)
+        if not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+        if drop_path_rate and reversible:
+            raise ValueError('drop_path_rate cannot be combined with reversible=True: a step that stochastic depth '
+                             'dropped at random cannot be recomputed from its output')
         norm_layer = paper_norm_layer(norm_layer, bn_tf)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -161,6 +170,9 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         self.drop_rate = drop_rate
         self.downsample = downsample
         geom_head, geom_nl = paper_geometry(min(self.img_size))
+        if head_pool is not None and (not isinstance(head_pool, int) or isinstance(head_pool, bool) or head_pool < 1):
+            raise ValueError(f'head_pool must be a positive int (the average pool before the flatten head) or None '
+                             f'for the paper\'s (2 at 32 px, 8 at 96 px), got {head_pool!r}')
         self.head_pool = head_pool if head_pool is not None else geom_head
         for u in nonlocal_units:
             if not isinstance(u, int) or not 0 <= u < len(widths):
@@ -182,6 +194,8 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             act=act_layer(),
         ))
         block_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, transpose_bias=transpose_bias)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist() if drop_path_rate else [0.0] * sum(depths)
+        block_kwargs['drop_path'] = iter(rates)
         self._build_stages(stem_chs, depths, widths, h, nl_layer, nonlocal_units, nonlocal_after, reversible,
                            act_layer, block_kwargs, dd)
         self.global_pool_type = global_pool
@@ -191,6 +205,8 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
 
     def _build_stages(self, stem_chs, depths, widths, h, nl_layer, nonlocal_units, nonlocal_after, reversible,
                       act_layer, block_kwargs, dd) -> None:
+        block_kwargs = dict(block_kwargs)
+        rates = block_kwargs.pop('drop_path')  # the blocks' stochastic depth, in order
         stages, prev, reduction = [], stem_chs, 1
         self.feature_info = []
         for i, (depth, width) in enumerate(zip(depths, widths)):
@@ -201,7 +217,8 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
             reduction *= pool
             stage['unit'] = HamiltonianUnit(
                 width, depth, h, nonlocal_layer=nl_layer if i in nonlocal_units else None,
-                nonlocal_after=(min(nonlocal_after, depth),), reversible=reversible, **block_kwargs, **dd)
+                nonlocal_after=(min(nonlocal_after, depth),), reversible=reversible,
+                drop_path=[next(rates) for _ in range(depth)], **block_kwargs, **dd)
             stages.append(nn.Sequential(stage))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'stages.{i}'))
             prev = width

@@ -28,6 +28,16 @@ def insert_pide_blocks(model: nn.Module, indices: Sequence[int] = (-1,), **block
     ``model.feature_info``. ``block_kwargs`` go to :class:`PIDEBlock` (``operator``, ``subsample``, ...).
     Returns ``model`` for chaining.
     """
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+
+    if isinstance(model, (FeatureDictNet, FeatureHookNet, FeatureGetterNet)):
+        raise ValueError(f'insert_pide_blocks: {type(model).__name__} is a features_only model, whose forward runs '
+                         'every child module in turn; insert the blocks into the full model and take its features '
+                         'with forward_intermediates(), or build features_only=True from a registered factory')
+    if getattr(model, 'num_prefix_tokens', None) is not None or hasattr(model, 'patch_embed'):
+        raise ValueError(f'insert_pide_blocks: {type(model).__name__} is a token model: its stages output '
+                         '(B, tokens, C) sequences, not the (B, C, H, W) maps a PIDE block integrates over; '
+                         'insert blocks into convolutional stages (ResNet, ConvNeXt, EfficientNet, MobileNet, ...)')
     info = getattr(model, 'feature_info', None)
     if not info:
         raise ValueError(f'model must expose feature_info (timm models do); {type(model).__name__} has none')

@@ -237,3 +237,18 @@ def test_dense_training_block_is_twice_differentiable(monkeypatch):
     want = second_order()
     for a, e in zip(got, want):  # conv biases before training-mode BN get ~0 gradients: absolute tolerance
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize('operator,kernel', CASES)
+@pytest.mark.parametrize('method', ['auto', 'fused', 'dense'])
+def test_empty_batch_gives_an_empty_output(operator, kernel, method):
+    """A batch of 0 images (the last, empty shard of a dataset) returns 0 images on every path, with gradients."""
+    block = PIDEBlock(8, operator=operator, kernel=kernel, method=method)
+    for training in (True, False):
+        x = torch.randn(0, 8, 6, 6, requires_grad=True)
+        out = block.train(training)(x)
+        assert out.shape == (0, 8, 6, 6)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and all(p.grad is None or p.grad.abs().sum() == 0 for p in block.parameters())
+    with torch.no_grad():
+        assert block.eval()(torch.randn(0, 8, 6, 6)).shape == (0, 8, 6, 6)

@@ -272,3 +272,76 @@ def test_timm_suite_without_its_cache_skips_or_fails_in_ci(tmp_path):
     ci = _fresh_python(cmd, PIDE_ZOO_CACHE=str(tmp_path), CI='true')
     assert ci.returncode in (1, 2), ci.stdout[-2000:]  # a collection error
     assert '1 error' in ci.stdout and f"CI=true: timm's own tests not found: {tmp_path}" in ci.stdout
+
+
+def test_drop_path_rate_is_stochastic_depth_on_the_verlet_steps():
+    """timm's --drop-path reaches the Hamiltonian blocks, rising linearly to the rate at the last block; in
+    training a dropped sample passes the step unchanged, in inference nothing is dropped."""
+    model = timm.create_model('nl_hamiltonian74', drop_path_rate=0.3)
+    rates = [b.drop_path for s in model.stages for b in s.unit.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and len(rates) == 18
+    assert all(a <= b for a, b in zip(rates, rates[1:]))
+    block = model.stages[2].unit.blocks[-1]
+    x = torch.randn(64, 112, 4, 4)
+    block.train()
+    torch.manual_seed(0)
+    out = block(x)
+    unchanged = (out - x).flatten(1).abs().amax(1) == 0
+    assert 5 < unchanged.sum() < 35  # about 30 % of 64 samples skip the step
+    block.eval()
+    assert not torch.equal(block(x), x)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # trains
+    with pytest.raises(ValueError, match='drop_path_rate cannot be combined with reversible'):
+        timm.create_model('hamiltonian74', drop_path_rate=0.1, reversible=True)
+    model.set_grad_checkpointing()
+    with pytest.raises(ValueError, match='stochastic depth dropped at random'):
+        model.train()(torch.randn(2, 3, 32, 32))
+    # the default builds exactly the model without stochastic depth
+    torch.manual_seed(0)
+    a = timm.create_model('hamiltonian74')
+    torch.manual_seed(0)
+    b = timm.create_model('hamiltonian74', drop_path_rate=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize('name', ['resnet44_cifar', 'preresnet20_cifar'])
+def test_cifar_resnet_grad_checkpointing_matches(name):
+    torch.manual_seed(0)
+    a = timm.create_model(name).double()
+    b = timm.create_model(name).double()
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize('head_pool', [0, -2, 1.5])
+def test_head_pool_is_checked(head_pool):
+    with pytest.raises(ValueError, match=rf'head_pool must be a positive int .* got {head_pool!r}'):
+        timm.create_model('hamiltonian74', head_pool=head_pool)
+
+
+@pytest.mark.parametrize('name', ['seresnext26d_32x4d', 'efficientnet_b0', 'mobilenetv3_small_100', 'convnext_tiny'])
+def test_insert_pide_blocks_in_timm_families(name):
+    model = insert_pide_blocks(timm.create_model(name, num_classes=3), indices=(-1,), operator='frac_laplacian',
+                               subsample=1)
+    out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 3) and torch.isfinite(out).all() and len(model.pide_blocks) == 1
+
+
+@pytest.mark.parametrize('name,match', [
+    ('vit_tiny_patch16_224', 'VisionTransformer is a token model'),
+    ('vit_tiny_r_s16_p8_224', 'VisionTransformer is a token model'),
+])
+def test_insert_pide_blocks_refuses_token_models_at_build_time(name, match):
+    with pytest.raises(ValueError, match=match):
+        insert_pide_blocks(timm.create_model(name), operator='log')
+
+
+def test_insert_pide_blocks_refuses_features_only_models():
+    with pytest.raises(ValueError, match='FeatureListNet is a features_only model'):
+        insert_pide_blocks(timm.create_model('resnet18', features_only=True), operator='log')
