@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .dense import COINCIDENT_EPS, ROWSUM_EPS, guarded_rowsum, normalize
-from .precision import autocast_off, compute_dtype, ieee_fp32_matmul
+from .precision import autocast_off, compute_dtype, ieee_fp32_matmul, is_compiling
 from .table import BoundKernel
 
 __all__ = ['fused_aggregate', 'query_tile', 'check_tile_size']
@@ -54,6 +54,8 @@ def query_tile(batch: int, keys: int, tile_size: Optional[int] = None, device: U
 def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[tuple[Tensor, Tensor, Tensor]], rows: slice,
           derivative: bool) -> tuple[Tensor, Optional[Tensor]]:
     """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1)."""
+    if not derivative and is_compiling():
+        return _tile_out_of_place(k, theta_t, phi, stats, rows), None
     if not k.distance:
         return k.pair(torch.bmm(theta_t.transpose(1, 2), phi), derivative)
     tt, pp, floor = stats
@@ -66,6 +68,20 @@ def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[tuple[Te
     w, wd = k.pair(d2.masked_fill_(coincident, 1.0), derivative)
     w.masked_fill_(coincident, 0.0)
     return w, (wd.masked_fill_(coincident, 0.0) if wd is not None else None)
+
+
+def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[tuple[Tensor, Tensor, Tensor]],
+                       rows: slice) -> Tensor:
+    """W as :func:`_tile` forms it, without in-place operations: torch.export records the forward pass, and an
+    exported program may run under autograd, which in-place updates of saved tensors would break."""
+    if not k.distance:
+        return k.value(torch.bmm(theta_t.transpose(1, 2), phi))
+    tt, pp, floor = stats
+    d2 = torch.baddbmm(pp.unsqueeze(1), theta_t.transpose(1, 2), phi, alpha=-2) + tt[:, rows].unsqueeze(2)
+    if not k.singular:
+        return k.value(d2.clamp_min(0.0))
+    coincident = d2 <= torch.add(floor[:, rows].unsqueeze(2), pp.unsqueeze(1), alpha=_eps(d2.dtype))
+    return k.value(d2.masked_fill(coincident, 1.0)).masked_fill(coincident, 0.0)
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -91,7 +107,7 @@ def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, 
         w, _ = _tile(k, theta[:, :, rows], phi, stats, rows, derivative=False)
         out[:, :, rows] = torch.bmm(v_key, w.transpose(1, 2))
         if need_r:
-            torch.sum(w, 2, out=rowsum[:, rows])
+            rowsum[:, rows] = w.sum(2)  # no out=: an exported program may run with autograd
     a = k.a
     out.mul_(a * k.s1)
     if need_r:
