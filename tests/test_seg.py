@@ -408,6 +408,51 @@ def test_soft_iou_counts_void_pixels_as_a_class():
     assert [m['type'] for m in cfg.test_evaluator] == ['IoUMetric', 'SoftIoUMetric']
 
 
+def test_soft_iou_metric_names_the_file_of_a_bad_label():
+    from pide_zoo.seg.metrics import SoftIoUMetric
+
+    metric = SoftIoUMetric()
+    label = torch.zeros(1, 4, 5, dtype=torch.long)
+    label[0, 1, 2] = 7
+    sample = dict(seg_logits=dict(data=torch.zeros(3, 4, 5)), gt_sem_seg=dict(data=label),
+                  img_path='/data/img/a.png', seg_map_path='/data/ann/a.png')
+    with pytest.raises(ValueError, match=r'^/data/ann/a.png: gt_sem_seg has labels \[7\] outside 0-2'):
+        metric.process({}, [sample])
+
+
+def _demo_cfg(data, work, **overrides):
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo_longrange.py'))
+    cfg.merge_from_dict({'work_dir': work, 'train_cfg.max_iters': 1, 'train_cfg.val_interval': 1,
+                         'default_hooks.logger.interval': 1, **{
+                             f'{split}_dataloader.dataset.{k}': v for split in ('train', 'val', 'test')
+                             for k, v in (('data_root', data), ('num_samples', 2))}, **overrides})
+    return cfg
+
+
+def test_bad_label_names_its_file_and_the_classes_in_training_and_in_every_metric(tmp_path):
+    from mmengine.runner import Runner
+    from PIL import Image
+
+    from pide_zoo.seg.datasets import write_longrange_split
+
+    data = str(tmp_path / 'data')
+    for split, seed in (('train', 0), ('val', 1)):
+        write_longrange_split(osp.join(data, 'img_dir', split), osp.join(data, 'ann_dir', split), 2, seed)
+        bad = osp.join(data, 'ann_dir', split, '00001.png')
+        label = np.array(Image.open(bad))
+        label[0, 0] = 7
+        Image.fromarray(label).save(bad)
+    want = r"ann_dir/{}/00001.png: labels \[7\] outside 0-3 \(the 4 classes of LongRangeDemoDataset; 255 ="
+    runner = Runner.from_cfg(_demo_cfg(data, str(tmp_path / 'train'), **{
+        'train_dataloader.batch_size': 2}))
+    with pytest.raises(ValueError, match=want.format('train')):
+        runner.train()  # without the check: the loss's IndexError "Target 7 is out of bounds"
+    for metrics in ([dict(type='IoUMetric')], [dict(type='IoUMetric'), dict(type='SoftIoUMetric')]):
+        runner = Runner.from_cfg(_demo_cfg(data, str(tmp_path / 'test'), test_evaluator=metrics))
+        with pytest.raises(ValueError, match=want.format('val')):
+            runner.test()  # without the check IoUMetric drops the label silently
+
+
 # --- data -------------------------------------------------------------------------------------------
 def _fake_bdd100k(root, sizes=(('train', 4), ('val', 2)), hw=(720, 1280), seed=0):
     from PIL import Image
