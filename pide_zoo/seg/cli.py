@@ -10,8 +10,11 @@ from typing import Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
 
-__all__ = ['AMP_DTYPES', 'add_common_args', 'load_config']
+__all__ = ['AMP_DTYPES', 'CPUDistributedDataParallel', 'add_common_args', 'load_config']
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,6 +28,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for CPU processes over gloo: SyncBN layers (CUDA only; DDP refuses them on CPU)
+    become BN first, with mmengine's ``revert_sync_batchnorm``; each process normalises with its own batch."""
+
+    def __init__(self, module: nn.Module, **kwargs):
+        syncbn = sum(isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == 'SyncBatchNorm' for m in module.modules())
+        if syncbn:
+            module = revert_sync_batchnorm(module)
+            print_log(f'CPU launch over gloo: {syncbn} SyncBN layers converted to BN (SyncBN needs CUDA)',
+                      logger='current')
+        super().__init__(module=module, **kwargs)
+
+
 def _setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     """DDP over gloo without GPUs: mmengine's init_dist and DDP wrapper assume one CUDA device per process."""
     if launcher != 'pytorch':
@@ -34,7 +51,7 @@ def _setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
-    cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+    cfg.model_wrapper_cfg = dict(type='CPUDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                                  find_unused_parameters=cfg.get('find_unused_parameters', False))
     print_log('no CUDA device: DDP over the gloo backend on CPU', logger='current')
 

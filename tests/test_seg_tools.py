@@ -1,0 +1,74 @@
+"""mmseg's tool habits on the project's configs: test-time augmentation, the test tool's display flags,
+CPU multi-process runs of SyncBN configs and configs written for release 0.1."""
+import os
+import os.path as osp
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip('mmseg', reason='the mmseg face needs the seg extra: pip install -e .[seg]')
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PY = sys.executable
+MMSEG_TOOLS = osp.join(osp.dirname(__import__('mmseg').__file__), '.mim', 'tools')
+
+
+def _run(args, check=True, **env):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', **env)
+    out = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args):
+    return [PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}', *args,
+            '--launcher', 'pytorch']
+
+
+# A user's config outside the repository: a PIDEHead config (SyncBN in backbone and heads) on a folder of
+# small images, cropped to 32 x 32.
+PIDEHEAD_USER_CONFIG = '''
+_base_ = ['{root}/configs/pidehead/pidehead-frac_r50-d8_4xb4-80k_ade20k-512x512.py']
+crop_size = (32, 32)
+data_preprocessor = dict(size=crop_size)
+model = dict(pretrained=None, data_preprocessor=data_preprocessor, decode_head=dict(num_classes=4),
+             auxiliary_head=dict(num_classes=4))
+split = dict(type='LongRangeDemoDataset', data_root='{data}')
+train_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
+                  dict(type='RandomCrop', crop_size=crop_size), dict(type='PackSegInputs')]
+test_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'), dict(type='PackSegInputs')]
+train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(
+    split, _delete_=True, num_samples=4, seed=0, pipeline=train_pipeline,
+    data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train')))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(
+    split, _delete_=True, num_samples=2, seed=1, pipeline=test_pipeline,
+    data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val')))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
+'''
+
+
+@pytest.mark.slow
+def test_syncbn_config_trains_and_tests_in_two_cpu_processes(tmp_path):
+    config = tmp_path / 'my_pidehead.py'
+    config.write_text(PIDEHEAD_USER_CONFIG.format(root=ROOT, data=tmp_path / 'data'))
+    work = tmp_path / 'work'
+    out = _run(_torchrun('tools/train.py', config, '--work-dir', work))
+    log = out.stdout + out.stderr
+    # ResNet-50-D8's 55 norms, the PIDEHead's 3 convs and 2 block stages, the auxiliary head's conv (rank 0 logs)
+    assert re.findall(r'CPU launch over gloo: (\d+) SyncBN layers converted to BN', log) == ['61'], log[-3000:]
+    assert re.search(r'decode\.loss_ce: [\d.]+', log) and re.search(r'mIoU: [\d.]+', log)
+    out = _run(_torchrun('tools/test.py', config, work / 'iter_2.pth', '--work-dir', work))
+    log = out.stdout + out.stderr
+    assert 'SyncBN layers converted to BN' in log and re.search(r'mIoU: [\d.]+', log)
