@@ -72,3 +72,48 @@ def test_syncbn_config_trains_and_tests_in_two_cpu_processes(tmp_path):
     out = _run(_torchrun('tools/test.py', config, work / 'iter_2.pth', '--work-dir', work))
     log = out.stdout + out.stderr
     assert 'SyncBN layers converted to BN' in log and re.search(r'mIoU: [\d.]+', log)
+
+
+def _demo_checkpoint(path):
+    """The demo network, untrained (the flow, not the numbers), as a checkpoint."""
+    import torch
+    from mmseg.apis import init_model
+
+    model = init_model(osp.join(ROOT, 'configs', 'demo_longrange.py'), None, device='cpu')
+    torch.save(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=dict(
+        classes=('background', 'red region', 'green region', 'blue region')))), path)
+    return path
+
+
+@pytest.mark.slow
+def test_demo_tta_and_show_dir_under_mmseg_and_project_test_tools(tmp_path):
+    ckpt = _demo_checkpoint(tmp_path / 'demo.pth')
+    data = tmp_path / 'data'
+    options = ['--cfg-options', f'test_dataloader.dataset.data_root={data}', 'test_dataloader.dataset.num_samples=5',
+               'test_dataloader.batch_size=2']
+    out = _run([PY, osp.join(MMSEG_TOOLS, 'test.py'), 'configs/demo_longrange.py', ckpt, '--tta',
+                '--work-dir', tmp_path / 'work', *options])
+    assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
+    show = tmp_path / 'show'
+    out = _run([PY, 'tools/test.py', 'configs/demo_longrange.py', ckpt, '--tta', '--show-dir', show,
+                '--work-dir', tmp_path / 'work', *options])
+    assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
+    painted = sorted(os.listdir(show / 'vis_data' / 'vis_image'))
+    assert painted == [f'test_{i:05d}.png_0.png' for i in range(5)]  # every test image, not every 50th batch
+
+
+def test_tta_without_a_tta_pipeline_says_what_is_missing(tmp_path):
+    from mmengine.config import Config
+
+    from pide_zoo.seg.cli import apply_tta
+
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo_longrange.py')).to_dict()
+    cfg = Config({k: v for k, v in cfg.items() if k != 'tta_pipeline'})
+    with pytest.raises(SystemExit, match=r'--tta needs tta_pipeline in my\.py'):
+        apply_tta(cfg, 'my.py')
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'bdd100k_pide_log.py'))
+    cfg.model.data_preprocessor.mean_image = 'mine.npy'  # the model's preprocessor, not the top-level one, is used
+    apply_tta(cfg, 'bdd.py')
+    assert cfg.model.type == 'SegTTAModel' and cfg.model.module.type == 'PIDEEncoderDecoder'
+    assert cfg.model.data_preprocessor.mean_image == 'mine.npy'
+    assert cfg.test_dataloader.dataset.pipeline[-1].type == 'TestTimeAug'
