@@ -117,3 +117,46 @@ def test_tta_without_a_tta_pipeline_says_what_is_missing(tmp_path):
     assert cfg.model.type == 'SegTTAModel' and cfg.model.module.type == 'PIDEEncoderDecoder'
     assert cfg.model.data_preprocessor.mean_image == 'mine.npy'
     assert cfg.test_dataloader.dataset.pipeline[-1].type == 'TestTimeAug'
+
+
+# A config written for release 0.1: the package, not pide_zoo.seg, in custom_imports.
+RELEASE_01_CONFIG = '''
+_base_ = ['{root}/configs/demo_longrange.py']
+custom_imports = dict(imports=['pide_zoo'], allow_failed_imports=False)
+data = '{data}'
+train_dataloader = dict(batch_size=2, dataset=dict(data_root=data, num_samples=4))
+val_dataloader = dict(dataset=dict(data_root=data, num_samples=2))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters={iters}, val_interval={iters})
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
+'''
+
+SCRIPT = '''
+import sys
+import pide_zoo  # first, as a timm user would
+assert not {{'mmengine', 'mmseg', 'mmcv'}} & {{m.split('.')[0] for m in sys.modules}}, 'import pide_zoo loaded OpenMMLab'
+from mmseg.apis import init_model
+model = init_model({config!r}, {ckpt!r}, device='cpu')  # torch.load(weights_only=True) of an mmengine checkpoint
+print('built', type(model).__name__, type(model.backbone).__name__, model.dataset_meta['classes'][1])
+'''
+
+
+@pytest.mark.slow
+def test_release_01_config_under_mmseg_tools_and_in_a_script(tmp_path):
+    from mmengine.config import Config
+
+    def config(iters):
+        path = tmp_path / f'old_{iters}.py'
+        path.write_text(RELEASE_01_CONFIG.format(root=ROOT, data=tmp_path / 'data', iters=iters))
+        return path
+
+    assert Config.fromfile(config(1)).custom_imports.imports == ['pide_zoo']
+    work = tmp_path / 'work'
+    _run([PY, osp.join(MMSEG_TOOLS, 'train.py'), config(1), '--work-dir', work])
+    out = _run([PY, osp.join(MMSEG_TOOLS, 'test.py'), config(1), work / 'iter_1.pth', '--work-dir', work])
+    assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
+    out = _run([PY, osp.join(MMSEG_TOOLS, 'train.py'), config(2), '--work-dir', work, '--resume'])
+    log = out.stdout + out.stderr
+    assert 'resumed epoch: 0, iter: 1' in log and re.search(r'Iter\(train\) \[2/2\]', log), log[-2000:]
+    out = _run([PY, '-c', SCRIPT.format(config=str(config(2)), ckpt=str(work / 'iter_2.pth'))])
+    assert 'built PIDEEncoderDecoder PIDEHamiltonianNet red region' in out.stdout, out.stdout + out.stderr[-2000:]
