@@ -134,7 +134,7 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
 SCRIPT = '''
 import sys
 import pide_zoo  # first, as a timm user would
-assert not {{'mmengine', 'mmseg', 'mmcv'}} & {{m.split('.')[0] for m in sys.modules}}, 'import pide_zoo loaded OpenMMLab'
+assert not {{'mmengine', 'mmseg', 'mmcv'}} & {{m.split('.')[0] for m in sys.modules}}, 'OpenMMLab loaded'
 from mmseg.apis import init_model
 model = init_model({config!r}, {ckpt!r}, device='cpu')  # torch.load(weights_only=True) of an mmengine checkpoint
 print('built', type(model).__name__, type(model.backbone).__name__, model.dataset_meta['classes'][1])
