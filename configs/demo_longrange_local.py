@@ -5,10 +5,12 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/bdd100k_200e.py'
 ]
 custom_imports = dict(imports=['pide_zoo.seg'], allow_failed_imports=False)
+# top level too: mmseg's test.py --tta hands the top-level one to the TTA model
+data_preprocessor = dict(
+    _delete_=True, type='SegDataPreProcessor', mean=[127.5] * 3, std=[64.0] * 3, bgr_to_rgb=True, size_divisor=1,
+    pad_val=0, seg_pad_val=255)
 model = dict(
-    data_preprocessor=dict(
-        _delete_=True, type='SegDataPreProcessor', mean=[127.5] * 3, std=[64.0] * 3, bgr_to_rgb=True,
-        size_divisor=1, pad_val=0, seg_pad_val=255),
+    data_preprocessor=data_preprocessor,
     backbone=dict(
         depths=(2, 2, 2),
         widths=(16, 32, 32),

@@ -3,7 +3,7 @@
 # stack (full mmcv with compiled ops, built once from source and cached), the ONNX tools, the docs
 # tools (MkDocs, Material, mkdocstrings) and pide_zoo itself, plus the installed timm version's own
 # model tests (tests/test_models.py from its source distribution, cached; the project's test suite
-# runs them on its models).
+# runs them on its models, finding them through $VENV/.pide_zoo_timm_tests).
 #
 #   bash tools/install.sh            # create or update .venv
 #
@@ -41,9 +41,13 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 # timm's own tests/test_models.py for the installed timm version, unpacked from its source
 # distribution (the wheel has no tests) into $CACHE/timm-<version>/; tests/timm_suite reads them there.
 timm_tests_dir() {
-  CACHE="$CACHE" "$PY" -c "import os, timm; print(os.path.join(os.environ['CACHE'], 'timm-' + timm.__version__))" \
+  CACHE="$CACHE" "$PY" -c "import os, timm; print(os.path.abspath(os.path.join(os.environ['CACHE'], 'timm-' + timm.__version__)))" \
     2>/dev/null
 }
+
+# The test suite reads where timm's tests are from the venv, whatever PIDE_ZOO_CACHE says when it runs.
+TIMM_RECORD="$VENV/.pide_zoo_timm_tests"
+record_timm_tests() { timm_tests_dir >"$TIMM_RECORD"; }
 
 # Everything pip would install, as one fingerprint: if it matches the stamp, the imports work and
 # timm's tests are cached, the environment is ready and nothing is touched.
@@ -52,6 +56,7 @@ FINGERPRINT="$(cat "$0" setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$FINGERPRINT" ] \
    && "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, mkdocs, mkdocstrings_handlers.python, pide_zoo" 2>/dev/null \
    && [ -f "$(timm_tests_dir)/tests/test_models.py" ]; then
+  record_timm_tests
   step "environment is up to date (delete $STAMP to force a reinstall)"
   exit 0
 fi
@@ -134,6 +139,8 @@ else
   rm -rf "$TIMM_SRC" && mv "$SDIST/keep" "$TIMM_SRC"  # whole or not at all
   rm -rf "$SDIST"
 fi
+record_timm_tests
+step "recorded timm's tests folder in $TIMM_RECORD"
 
 step "checking imports"
 "$PY" -c "import mmcv.ops, mmseg.models, timm, fvcore, onnxruntime, onnxscript, mkdocs, mkdocstrings_handlers.python, pide_zoo; print('  torch', __import__('torch').__version__, '| timm', timm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| pide_zoo', pide_zoo.__version__)"

@@ -1,13 +1,13 @@
 """Evaluate a checkpoint with mmsegmentation / mmengine (prints aAcc, mIoU, mAcc and the soft IoU sIoU).
 
-    python tools/test.py configs/bdd100k_pide_diffusion.py work_dirs/.../iter_175000.pth
+    python tools/test.py configs/bdd100k_pide_diffusion.py work_dirs/.../iter_175000.pth [--tta] [--show-dir DIR]
     bash tools/dist_test.sh configs/bdd100k_pide_diffusion.py CHECKPOINT 4
 """
 import argparse
 
 from mmengine.runner import Runner
 
-from pide_zoo.seg.cli import add_common_args, load_config
+from pide_zoo.seg.cli import add_common_args, add_show_args, apply_show_args, apply_tta, load_config
 
 
 def main() -> None:
@@ -15,8 +15,11 @@ def main() -> None:
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out', help='folder to write the predicted label maps to')
-    args = add_common_args(parser).parse_args()
+    args = add_show_args(add_common_args(parser)).parse_args()
     cfg = load_config(args, checkpoint=args.checkpoint)
+    apply_show_args(cfg, args)
+    if args.tta:
+        apply_tta(cfg, args.config)
     if args.out is not None:
         metrics = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
         for metric in metrics:

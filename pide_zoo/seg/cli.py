@@ -10,8 +10,12 @@ from typing import Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
 
-__all__ = ['AMP_DTYPES', 'add_common_args', 'load_config']
+__all__ = ['AMP_DTYPES', 'CPUDistributedDataParallel', 'add_common_args', 'add_show_args', 'apply_show_args',
+           'apply_tta', 'load_config']
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,6 +29,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for CPU processes over gloo: SyncBN layers (CUDA only; DDP refuses them on CPU)
+    become BN first, with mmengine's ``revert_sync_batchnorm``; each process normalises with its own batch."""
+
+    def __init__(self, module: nn.Module, **kwargs):
+        syncbn = sum(isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == 'SyncBatchNorm' for m in module.modules())
+        if syncbn:
+            module = revert_sync_batchnorm(module)
+            print_log(f'CPU launch over gloo: {syncbn} SyncBN layers converted to BN (SyncBN needs CUDA)',
+                      logger='current')
+        super().__init__(module=module, **kwargs)
+
+
 def _setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     """DDP over gloo without GPUs: mmengine's init_dist and DDP wrapper assume one CUDA device per process."""
     if launcher != 'pytorch':
@@ -34,7 +52,7 @@ def _setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
-    cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+    cfg.model_wrapper_cfg = dict(type='CPUDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                                  find_unused_parameters=cfg.get('find_unused_parameters', False))
     print_log('no CUDA device: DDP over the gloo backend on CPU', logger='current')
 
@@ -79,3 +97,43 @@ def load_config(args: argparse.Namespace, amp: bool = False, resume: bool = Fals
     if checkpoint is not None:
         cfg.load_from = checkpoint
     return cfg
+
+
+def add_show_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """mmseg's test.py display and test-time augmentation flags."""
+    parser.add_argument('--show', action='store_true', help='show each prediction in a window')
+    parser.add_argument('--show-dir', help='folder to write every test image painted with its prediction to')
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds each --show window stays')
+    parser.add_argument('--tta', action='store_true',
+                        help="test-time augmentation: the config's tta_pipeline and tta_model (mmseg's SegTTAModel)")
+    return parser
+
+
+def apply_show_args(cfg: Config, args: argparse.Namespace) -> None:
+    """``--show`` / ``--show-dir`` as mmseg's test.py applies them, drawing every test image (mmseg's hook draws
+    every 50th batch)."""
+    if not (args.show or args.show_dir):
+        return
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise SystemExit(f'--show and --show-dir need default_hooks.visualization (mmseg\'s SegVisualizationHook) '
+                         f'in {args.config}')
+    hook.update(draw=True, interval=1)
+    if args.show:
+        hook.update(show=True, wait_time=args.wait_time)
+    if args.show_dir:
+        cfg.visualizer.save_dir = args.show_dir
+
+
+def apply_tta(cfg: Config, config: str) -> None:
+    """Wrap the model in the config's ``tta_model`` and test with its ``tta_pipeline`` (mmseg's test.py --tta),
+    keeping the model's own data preprocessor (mmengine hands the TTA model the top-level one)."""
+    missing = [k for k in ('tta_pipeline', 'tta_model') if cfg.get(k) is None]
+    if missing:
+        raise SystemExit(f'--tta needs {" and ".join(missing)} in {config} (see mmseg\'s '
+                         '_base_/datasets/*.py and _base_/default_runtime.py)')
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.tta_model.module = cfg.model
+    if cfg.model.get('data_preprocessor') is not None:
+        cfg.tta_model.data_preprocessor = cfg.model.data_preprocessor
+    cfg.model = cfg.tta_model

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os.path as osp
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmseg.models.data_preprocessor import SegDataPreProcessor
 from mmseg.registry import MODELS
@@ -36,7 +37,9 @@ class PixelMeanSegDataPreProcessor(SegDataPreProcessor):
     needs. It is empty until set: by :class:`~pide_zoo.seg.hooks.PixelMeanHook` when training starts
     (``mean_image.npy`` of the train dataloader's ``data_root``, written by
     ``tools/prepare_bdd100k.py``), by loading a checkpoint, or from the explicit ``mean_image`` path.
-    Images must have the mean image's size; the test pipeline resizes photos of other sizes to it.
+    Images must have the mean image's size; the test pipeline resizes photos of other sizes to it. At test
+    time an image that is a rescale of that size (the same aspect ratio: test-time augmentation's scale
+    factors) has the mean image resized bilinearly to its size, like the image.
 
     Args:
         mean_image: optional path of a ``.npy`` mean image. When given it wins over the data root's at
@@ -99,11 +102,22 @@ class PixelMeanSegDataPreProcessor(SegDataPreProcessor):
                     f'(written by `{PREPARE_COMMAND.format(dst="data/bdd100k_160x90")}`)')
             self.set_mean_image(self.mean_image_path)
         inputs = data['inputs']
-        if tuple(inputs.shape[-2:]) != tuple(self.pixel_mean.shape[-2:]):
-            raise ValueError(
-                f'images of size {tuple(inputs.shape[-2:])} (H, W) do not match the mean image of size '
-                f'{tuple(self.pixel_mean.shape[-2:])}: resize them to it in the pipeline '
-                f'(dict(type="Resize", scale=({self.pixel_mean.shape[-1]}, {self.pixel_mean.shape[-2]}), '
-                'keep_ratio=False))')
-        data['inputs'] = inputs * self.scale - self.pixel_mean.to(inputs.dtype)
+        mean = self.pixel_mean.to(inputs.dtype)
+        size, mean_size = tuple(inputs.shape[-2:]), tuple(mean.shape[-2:])
+        if size != mean_size:
+            if training or not _is_rescale(size, mean_size):
+                raise ValueError(
+                    f'images of size {size} (H, W) do not match the mean image of size {mean_size}: resize them '
+                    f'to it in the pipeline (dict(type="Resize", scale=({mean_size[1]}, {mean_size[0]}), '
+                    'keep_ratio=False)); at test time a rescale of it (the same aspect ratio, as test-time '
+                    'augmentation scale factors give) is also accepted')
+            # test-time scales: the mean image rescaled like the image
+            mean = F.interpolate(mean[None], size=size, mode='bilinear', align_corners=False)[0]
+        data['inputs'] = inputs * self.scale - mean
         return data
+
+
+def _is_rescale(size: Tuple[int, int], mean_size: Tuple[int, int]) -> bool:
+    """Whether ``size`` is ``mean_size`` times one factor, each side rounded to whole pixels."""
+    (h, w), (mh, mw) = size, mean_size
+    return abs(h * mw - w * mh) <= (mh + mw) / 2

@@ -4,15 +4,16 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+import torch
 from mmcv.transforms import BaseTransform
 from mmengine.dist import barrier, get_rank, is_distributed
 from mmseg.datasets import BaseSegDataset, BDD100KDataset
 from mmseg.registry import DATASETS, TRANSFORMS
 
-__all__ = ['BDD100KPaperDataset', 'VoidAsClass', 'LongRangeDemoDataset', 'make_longrange_sample',
+__all__ = ['BDD100KPaperDataset', 'VoidAsClass', 'LongRangeDemoDataset', 'check_labels', 'make_longrange_sample',
            'write_longrange_split']
 
 BDD100K_HELP = (
@@ -21,6 +22,33 @@ BDD100K_HELP = (
     'copy with `python tools/prepare_bdd100k.py --src data/bdd100k --dst data/bdd100k_160x90`, '
     'or point the config at your copy with --cfg-options train_dataloader.dataset.data_root=... '
     'val_dataloader.dataset.data_root=... test_dataloader.dataset.data_root=...')
+
+
+def check_labels(data: Optional[Dict[str, Any]], num_classes: int, ignore_index: int, dataset: str) -> None:
+    """Raise a ``ValueError`` naming the label file when a packed sample (or each of its test-time
+    augmentations) has a label outside ``0 .. num_classes - 1`` other than ``ignore_index``."""
+    if data is None:
+        return
+    samples = data.get('data_samples')
+    for sample in samples if isinstance(samples, (list, tuple)) else [samples]:
+        if sample is None or 'gt_sem_seg' not in sample:
+            continue
+        values = torch.unique(sample.gt_sem_seg.data)
+        bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+        if bad.numel():
+            where = sample.metainfo.get('seg_map_path') or sample.metainfo.get('img_path')
+            raise ValueError(f'{where}: labels {bad.tolist()} outside 0-{num_classes - 1} (the {num_classes} classes '
+                             f'of {dataset}; {ignore_index} = ignore_index is skipped)')
+
+
+class _CheckedLabels:
+    """Every sample's labels checked by :func:`check_labels`: without it a bad label stops training with the
+    loss's bare index error and mmseg's ``IoUMetric`` drops it silently."""
+
+    def prepare_data(self, idx: int) -> Any:
+        data = super().prepare_data(idx)
+        check_labels(data, len(self.metainfo['classes']), self.ignore_index, type(self).__name__)
+        return data
 
 
 @TRANSFORMS.register_module()
@@ -40,8 +68,9 @@ class VoidAsClass(BaseTransform):
 
 
 @DATASETS.register_module()
-class BDD100KPaperDataset(BDD100KDataset):
-    """mmseg's ``BDD100KDataset`` (19 classes, 255 ignored) with a clear error for missing data.
+class BDD100KPaperDataset(_CheckedLabels, BDD100KDataset):
+    """mmseg's ``BDD100KDataset`` (19 classes, 255 ignored) with clear errors for missing data and for labels
+    outside the classes (naming the file).
 
     Args:
         void_as_class: train the ignore label 255 as a 20th class ``'void'`` like the authors' code
@@ -126,9 +155,10 @@ def write_longrange_split(img_dir: str, ann_dir: str, num_samples: int, seed: in
 
 
 @DATASETS.register_module()
-class LongRangeDemoDataset(BaseSegDataset):
+class LongRangeDemoDataset(_CheckedLabels, BaseSegDataset):
     """Procedural segmentation task whose labels depend on context ~32 px away (see
-    :func:`make_longrange_sample`). Generated into ``data_root`` on first use; no download.
+    :func:`make_longrange_sample`). Generated into ``data_root`` on first use; no download. A label outside
+    its classes (in a folder edited by hand) stops with the file named.
 
     Args:
         num_samples: images in this split.

@@ -80,6 +80,11 @@ class PIDEHead(FCNHead):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         x = self._transform_inputs(inputs)
+        if isinstance(self.in_channels, int) and x.shape[1] != self.in_channels:
+            # torch's conv error would name neither the head nor the config key to change
+            raise ValueError(
+                f'{type(self).__name__} has in_channels={self.in_channels} but its input (in_index={self.in_index}) '
+                f'has {x.shape[1]} channels: set decode_head.in_channels={x.shape[1]} (the backbone\'s width)')
         output = self.convs[0](x)
         output = self.pide_block(output)
         output = self.convs[1](output)

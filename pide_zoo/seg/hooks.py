@@ -6,7 +6,7 @@ from typing import Optional
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmseg.registry import HOOKS
 
 from .data_preprocessor import PREPARE_COMMAND, PixelMeanSegDataPreProcessor
@@ -40,7 +40,9 @@ class PixelMeanHook(Hook):
 
     @staticmethod
     def _preprocessor(runner) -> PixelMeanSegDataPreProcessor:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner.model
+        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):  # DDP, --tta's SegTTAModel
+            model = model.module
         pre = getattr(model, 'data_preprocessor', None)
         if not isinstance(pre, PixelMeanSegDataPreProcessor):
             raise TypeError(f'PixelMeanHook needs model.data_preprocessor of type PixelMeanSegDataPreProcessor, '

@@ -69,7 +69,13 @@ class SoftIoUMetric(BaseMetric):
                 raise ValueError(f'seg_logits have {logits.shape[0]} channels but dataset_meta has '
                                  f'{len(classes)} classes')
             label = data_sample['gt_sem_seg']['data'].squeeze(0).to(logits.device)
-            self.results.append(soft_iou(logits, label, self.ignore_index, self.smooth))
+            try:
+                self.results.append(soft_iou(logits, label, self.ignore_index, self.smooth))
+            except ValueError as e:  # name the image: the label map's file where the sample carries it
+                where = data_sample.get('seg_map_path') or data_sample.get('img_path')
+                if where is None:
+                    raise
+                raise ValueError(f'{where}: {e}') from None
 
     def compute_metrics(self, results: List[float]) -> Dict[str, float]:
         return {'sIoU': float(np.round(np.mean(results) * 100, 2))}

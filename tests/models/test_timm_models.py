@@ -1,5 +1,8 @@
 import importlib.util
+import os
 import os.path as osp
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -239,10 +242,6 @@ def test_bad_input(call, match):
 
 
 def _fresh_python(code, **env):
-    import os
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', COLUMNS='1000', **env))
 
@@ -263,13 +262,54 @@ def test_import_is_light():
         assert out.stdout.strip() == "['mmcv', 'mmengine', 'mmseg']", out.stderr[-2000:]
 
 
+def test_timm_tests_are_found_where_the_install_recorded_them(tmp_path, monkeypatch):
+    """The folder tools/install.sh records in the venv wins over PIDE_ZOO_CACHE at test time."""
+    sys.path.insert(0, osp.join(ROOT, 'tests', 'timm_suite'))
+    try:
+        from timm_source import RECORD, timm_source_dir
+    finally:
+        sys.path.pop(0)
+    version = f'timm-{timm.__version__}'
+    monkeypatch.delenv('PIDE_ZOO_TIMM_TESTS', raising=False)
+    monkeypatch.setenv('PIDE_ZOO_CACHE', str(tmp_path / 'elsewhere'))
+    assert timm_source_dir(str(tmp_path)) == str(tmp_path / 'elsewhere' / version)  # nothing recorded
+    (tmp_path / RECORD).write_text(f'/opt/cache/{version}\n')
+    assert timm_source_dir(str(tmp_path)) == f'/opt/cache/{version}'
+    monkeypatch.setenv('PIDE_ZOO_TIMM_TESTS', str(tmp_path / 'mine'))
+    assert timm_source_dir(str(tmp_path)) == str(tmp_path / 'mine')
+
+
+def test_install_records_the_timm_tests_folder_in_the_venv(tmp_path):
+    """tools/install.sh on an up-to-date environment (a venv whose python refuses pip: nothing is installed)."""
+    import hashlib
+
+    cache = os.environ.get('PIDE_ZOO_CACHE') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.expanduser('~/.cache'), 'pide_zoo')
+    cached = osp.join(cache, f'timm-{timm.__version__}')
+    if not osp.isfile(osp.join(cached, 'tests', 'test_models.py')):
+        pytest.skip(f"timm's tests are not cached in {cached}: run tools/install.sh")
+    venv = tmp_path / 'venv'
+    (venv / 'bin').mkdir(parents=True)
+    python = venv / 'bin' / 'python'
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && {{ echo "pip refused" >&2; exit 1; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    fingerprint = hashlib.sha256(b''.join(open(osp.join(ROOT, f), 'rb').read() for f in (
+        'tools/install.sh', 'setup.cfg', 'pyproject.toml'))).hexdigest()
+    (venv / '.pide_zoo_install').write_text(fingerprint + '\n')
+    out = subprocess.run(['bash', 'tools/install.sh'], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, VENV=str(venv), PIDE_ZOO_CACHE=cache))
+    assert out.returncode == 0 and 'environment is up to date' in out.stdout, out.stdout + out.stderr
+    assert (venv / '.pide_zoo_timm_tests').read_text().strip() == osp.abspath(cached)
+
+
 def test_timm_suite_without_its_cache_skips_or_fails_in_ci(tmp_path):
     """Without timm's cached tests the suite is one skip saying why, and an error where CI=true."""
     cmd = ('import sys, pytest; sys.exit(pytest.main(["-q", "-rs", "-p", "no:cacheprovider", "tests/timm_suite"]))')
-    local = _fresh_python(cmd, PIDE_ZOO_CACHE=str(tmp_path), CI='')
+    local = _fresh_python(cmd, PIDE_ZOO_TIMM_TESTS=str(tmp_path), CI='')
     assert local.returncode in (0, 5) and '1 skipped' in local.stdout, local.stdout[-2000:]  # 5: no test ran
     assert f"timm's own tests not found: {tmp_path}" in local.stdout and 'tools/install.sh' in local.stdout
-    ci = _fresh_python(cmd, PIDE_ZOO_CACHE=str(tmp_path), CI='true')
+    ci = _fresh_python(cmd, PIDE_ZOO_TIMM_TESTS=str(tmp_path), CI='true')
     assert ci.returncode in (1, 2), ci.stdout[-2000:]  # a collection error
     assert '1 error' in ci.stdout and f"CI=true: timm's own tests not found: {tmp_path}" in ci.stdout
 

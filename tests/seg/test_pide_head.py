@@ -351,3 +351,11 @@ def test_config_trains_under_the_project_and_mmseg_tools(tool, name, tmp_path):
     log = out.stdout + out.stderr
     assert re.search(r'decode\.loss_ce: [\d.]+', log) and (work / 'iter_1.pth').is_file()
     assert re.search(r'mIoU: [\d.]+', log)  # the validation at the last iteration, mmseg's whole-image test
+
+
+def test_in_channels_that_do_not_match_the_input_name_the_head_and_both_widths():
+    head = PIDEHead(in_channels=64, channels=16, num_classes=3, in_index=0)
+    with pytest.raises(ValueError, match=r'PIDEHead has in_channels=64 but its input \(in_index=0\) has 32 '
+                                         r'channels: set decode_head.in_channels=32'):
+        head([torch.rand(1, 32, 8, 8)])
+    assert head([torch.rand(1, 64, 8, 8)]).shape == (1, 3, 8, 8)

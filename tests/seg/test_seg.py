@@ -353,6 +353,39 @@ def test_inference_on_any_size_resizes_to_the_mean_and_back():
     assert result.metainfo['img_shape'] == (90, 160) and result.metainfo['ori_shape'] == (61, 203)
 
 
+def test_test_time_scales_resize_the_mean_image_with_the_image():
+    import torch.nn.functional as F
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    pre = _preprocessor()
+    mean = torch.from_numpy(np.random.default_rng(0).random((3, 90, 160)).astype(np.float32))
+    pre.set_mean_image(mean)
+    for h, w in ((45, 80), (68, 120), (158, 280)):  # mmcv's rescale of 160x90 by 0.5, 0.75, 1.75
+        img = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+        want = img.flip(0).float() / 255 - F.interpolate(mean[None], (h, w), mode='bilinear', align_corners=False)[0]
+        torch.testing.assert_close(pre(dict(inputs=[img]))['inputs'][0], want)
+        sample = SegDataSample(gt_sem_seg=PixelData(data=torch.zeros(1, h, w, dtype=torch.long)))
+        with pytest.raises(ValueError, match=rf'size \({h}, {w}\) .* mean image of size \(90, 160\)'):
+            pre(dict(inputs=[img], data_samples=[sample]), training=True)  # training stays at the mean's size
+    with pytest.raises(ValueError, match=r'size \(427, 640\).*Resize.*same aspect ratio'):
+        pre(dict(inputs=[torch.zeros(3, 427, 640, dtype=torch.uint8)]))  # another frame: resize it first
+
+
+def test_bdd100k_tta_pipeline_scales_the_trained_frame(bdd_160x90):
+    from mmseg.registry import DATASETS
+
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'bdd100k_pide_diffusion.py'))
+    dataset = DATASETS.build(dict(cfg.test_dataloader.dataset, data_root=bdd_160x90, pipeline=cfg.tta_pipeline))
+    sample = dataset[0]
+    sizes = [tuple(x.shape[-2:]) for x in sample['inputs']]
+    assert sizes == [s for s in ((45, 80), (68, 120), (90, 160), (113, 200), (135, 240), (158, 280))
+                     for _ in range(2)]  # each scale unflipped and flipped
+    assert [d.flip for d in sample['data_samples']] == [False, True] * 6
+    assert {d.gt_sem_seg.shape for d in sample['data_samples']} == {(90, 160)}  # labels at the image's size
+
+
 def _soft_iou_numpy(logits, label, ignore_index=255, smooth=1.0):
     """The authors' iou_fn for one image, over the pixels not ignored: one-hot labels y, softmax p,
     I = sum(y * p), union = sum(y) + sum(p) - I."""
@@ -406,6 +439,51 @@ def test_soft_iou_counts_void_pixels_as_a_class():
         soft_iou(torch.from_numpy(logits[:19]), torch.from_numpy(void))
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'bdd100k_pide_diffusion_void.py'))
     assert [m['type'] for m in cfg.test_evaluator] == ['IoUMetric', 'SoftIoUMetric']
+
+
+def test_soft_iou_metric_names_the_file_of_a_bad_label():
+    from pide_zoo.seg.metrics import SoftIoUMetric
+
+    metric = SoftIoUMetric()
+    label = torch.zeros(1, 4, 5, dtype=torch.long)
+    label[0, 1, 2] = 7
+    sample = dict(seg_logits=dict(data=torch.zeros(3, 4, 5)), gt_sem_seg=dict(data=label),
+                  img_path='/data/img/a.png', seg_map_path='/data/ann/a.png')
+    with pytest.raises(ValueError, match=r'^/data/ann/a.png: gt_sem_seg has labels \[7\] outside 0-2'):
+        metric.process({}, [sample])
+
+
+def _demo_cfg(data, work, **overrides):
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo_longrange.py'))
+    cfg.merge_from_dict({'work_dir': work, 'train_cfg.max_iters': 1, 'train_cfg.val_interval': 1,
+                         'default_hooks.logger.interval': 1, **{
+                             f'{split}_dataloader.dataset.{k}': v for split in ('train', 'val', 'test')
+                             for k, v in (('data_root', data), ('num_samples', 2))}, **overrides})
+    return cfg
+
+
+def test_bad_label_names_its_file_and_the_classes_in_training_and_in_every_metric(tmp_path):
+    from mmengine.runner import Runner
+    from PIL import Image
+
+    from pide_zoo.seg.datasets import write_longrange_split
+
+    data = str(tmp_path / 'data')
+    for split, seed in (('train', 0), ('val', 1)):
+        write_longrange_split(osp.join(data, 'img_dir', split), osp.join(data, 'ann_dir', split), 2, seed)
+        bad = osp.join(data, 'ann_dir', split, '00001.png')
+        label = np.array(Image.open(bad))
+        label[0, 0] = 7
+        Image.fromarray(label).save(bad)
+    want = r"ann_dir/{}/00001.png: labels \[7\] outside 0-3 \(the 4 classes of LongRangeDemoDataset; 255 ="
+    runner = Runner.from_cfg(_demo_cfg(data, str(tmp_path / 'train'), **{
+        'train_dataloader.batch_size': 2}))
+    with pytest.raises(ValueError, match=want.format('train')):
+        runner.train()  # without the check: the loss's IndexError "Target 7 is out of bounds"
+    for metrics in ([dict(type='IoUMetric')], [dict(type='IoUMetric'), dict(type='SoftIoUMetric')]):
+        runner = Runner.from_cfg(_demo_cfg(data, str(tmp_path / 'test'), test_evaluator=metrics))
+        with pytest.raises(ValueError, match=want.format('val')):
+            runner.test()  # without the check IoUMetric drops the label silently
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -574,6 +652,33 @@ def test_checkpoint_alone_segments_photos_of_another_size(bdd_160x90, tmp_path):
             logits = resize(model.encode_decode(x, [result.metainfo]), size=(427, 640), mode='bilinear',
                             align_corners=False)[0]
         torch.testing.assert_close(result.seg_logits.data, logits, atol=1e-4, rtol=1e-4)
+
+
+# A user's config: the frac network at one Hamiltonian block per Unit, the shipped TTA at two of its scales.
+TTA_USER_CONFIG = """
+_base_ = ['{root}/configs/bdd100k_pide_frac.py']
+model = dict(backbone=dict(depths=(1, 1, 1)))
+tta = _base_.tta_pipeline
+scales = [dict(type='Resize', scale_factor=r, keep_ratio=True) for r in (0.5, 0.75)]
+tta_pipeline = tta[:2] + [dict(tta[2], transforms=[scales] + tta[2].transforms[1:])]
+"""
+
+
+@pytest.mark.slow
+def test_tta_on_bdd100k_under_mmseg_and_project_test_tools(bdd_160x90, tmp_path):
+    from mmseg.apis import init_model
+    from mmseg.datasets import BDD100KDataset
+
+    config = tmp_path / 'my_frac.py'
+    config.write_text(TTA_USER_CONFIG.format(root=ROOT))
+    model = init_model(str(config), None, device='cpu')
+    model.data_preprocessor.set_mean_image(osp.join(bdd_160x90, 'mean_image.npy'))
+    ckpt = str(tmp_path / 'frac.pth')
+    torch.save(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=BDD100KDataset.METAINFO)), ckpt)
+    for tool in (osp.join(MMSEG_TOOLS, 'test.py'), 'tools/test.py'):
+        out = _run([PY, tool, str(config), ckpt, '--tta', '--work-dir', str(tmp_path / 'work'),
+                    *_bdd_options(bdd_160x90, 2)])
+        assert re.search(r'aAcc: [\d.]+\s+mIoU: [\d.]+\s+mAcc: [\d.]+\s+sIoU: [\d.]+', out), (tool, out[-2000:])
 
 
 @pytest.mark.slow

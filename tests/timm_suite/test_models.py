@@ -1,7 +1,8 @@
 """timm's own model tests on pide_zoo's models: ``tests/test_models.py`` of the installed timm version.
 
 ``tools/install.sh`` unpacks that file from timm's source distribution on the package registry into the cache
-(``~/.cache/pide_zoo/timm-<version>/``, ``PIDE_ZOO_CACHE`` moves it); it is never part of this repository.
+(``~/.cache/pide_zoo/timm-<version>/``, ``PIDE_ZOO_CACHE`` moves it) and records that folder in the venv
+(``PIDE_ZOO_TIMM_TESTS`` points elsewhere); it is never part of this repository.
 Its tests are imported unchanged and selected the way ``-k`` would: the parametrisations over model names
 keep the models pide_zoo registers (with their cfg tags) and drop timm's own, and the TorchScript tests are
 left out (``torch.jit.script`` is deprecated in torch 2.14; ``tools/export.py`` uses ``torch.export``).

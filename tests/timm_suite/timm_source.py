@@ -2,13 +2,23 @@
 import os
 import os.path as osp
 import pkgutil
+import sys
 from typing import List
 
 import timm
 
+RECORD = '.pide_zoo_timm_tests'  # in the venv, written by tools/install.sh
 
-def timm_source_dir() -> str:
-    """Where ``tools/install.sh`` unpacks timm's source distribution (its ``tests/`` and ``pyproject.toml``)."""
+
+def timm_source_dir(prefix: str = sys.prefix) -> str:
+    """Where timm's source distribution (its ``tests/`` and ``pyproject.toml``) is: ``PIDE_ZOO_TIMM_TESTS`` if set,
+    else the folder ``tools/install.sh`` recorded in the venv (``prefix``), else the cache it would use."""
+    if os.environ.get('PIDE_ZOO_TIMM_TESTS'):
+        return os.environ['PIDE_ZOO_TIMM_TESTS']
+    record = osp.join(prefix, RECORD)
+    if osp.isfile(record):
+        with open(record) as f:
+            return f.read().strip()
     cache = os.environ.get('PIDE_ZOO_CACHE') or osp.join(
         os.environ.get('XDG_CACHE_HOME') or osp.expanduser('~/.cache'), 'pide_zoo')
     return osp.join(cache, f'timm-{timm.__version__}')

@@ -18,6 +18,19 @@ test_pipeline = [
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs'),
 ]
+# mmseg's test-time augmentation (test.py --tta) around the trained 160x90: every image is resized to it,
+# then scaled (the per-pixel mean image is resized with it) and flipped; softmax averaged.
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(160, 90), keep_ratio=False),
+    dict(
+        type='TestTimeAug',
+        transforms=[[dict(type='Resize', scale_factor=r, keep_ratio=True) for r in img_ratios],
+                    [dict(type='RandomFlip', prob=0., direction='horizontal'),
+                     dict(type='RandomFlip', prob=1., direction='horizontal')],
+                    [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])
+]
 train_dataloader = dict(
     batch_size=8,
     num_workers=2,

@@ -7,6 +7,17 @@ train_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_pipeline = train_pipeline
+# mmseg's test-time augmentation (test.py --tta): six scales, each also flipped, softmax averaged
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(
+        type='TestTimeAug',
+        transforms=[[dict(type='Resize', scale_factor=r, keep_ratio=True) for r in img_ratios],
+                    [dict(type='RandomFlip', prob=0., direction='horizontal'),
+                     dict(type='RandomFlip', prob=1., direction='horizontal')],
+                    [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])
+]
 train_dataloader = dict(
     batch_size=8,
     num_workers=0,
