@@ -47,7 +47,8 @@ def build_head(head: str, operator: str, args: argparse.Namespace, device: Any) 
     cfg = Config.fromfile(str(PIDE_CONFIG if head == 'PIDEHead' else models / MMSEG_CONFIGS[head]))
     cfg = cfg.model.decode_head.to_dict()
     cfg.update(norm_cfg=dict(type='BN', requires_grad=True), in_index=0, in_channels=args.modes_cfg['train'][0][1],
-               **(dict(operator=operator) if operator else {}), **(dict(channels=32) if args.quick else {}))
+               **(dict(block_cfg=dict(operator=operator)) if operator else {}),
+               **(dict(channels=32) if args.quick else {}))
     try:
         return MODELS.build(cfg).to(device)
     except Exception as exc:  # CCHead without mmcv's compiled ops, say

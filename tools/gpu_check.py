@@ -663,6 +663,7 @@ def section_mmseg(rec: Record, args: argparse.Namespace) -> None:
     try:
         import mmcv.ops  # noqa: F401
 
+        from pide_zoo.layers import OPERATORS
         from pide_zoo.seg.heads import PIDEHead
     except Exception as exc:  # an mmcv without ops, or ops built for another torch
         rec.finish('skipped', reason=f'mmseg stack does not import here: {type(exc).__name__}: {str(exc)[:300]}')
@@ -671,10 +672,10 @@ def section_mmseg(rec: Record, args: argparse.Namespace) -> None:
     size, batch = ((32, 64), 2) if args.dry_run else ((90, 160), 8)
     rows = {}
     failures = []
-    for operator in ('diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'):
+    for operator in OPERATORS:
         try:
             torch.manual_seed(0)
-            head = PIDEHead(in_channels=64, channels=32, num_classes=19, operator=operator, subsample=2,
+            head = PIDEHead(in_channels=64, channels=32, num_classes=19, block_cfg=dict(operator=operator, subsample=2),
                             norm_cfg=dict(type='BN')).to(device).train()
             x = torch.randn(batch, 64, *size, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
