@@ -91,8 +91,9 @@ class PIDEBlock(nn.Module):
         in_channels: alias of ``channels`` for mmcv's plugin builder.
     """
 
-    # 2: the kernel form is recorded in the state dict's metadata (1: release 0.1, the paper's form).
-    _version = 2
+    # 3: the block's settings are recorded in the state dict's metadata (2: the kernel form only; 1: release 0.1,
+    # the paper's form).
+    _version = 3
 
     def __init__(
             self,
@@ -148,7 +149,7 @@ class PIDEBlock(nn.Module):
         self.convs = nn.ModuleList([nn.Conv2d(c, c, 1, **dd) for _ in range(self.stages)])
         self.norms = nn.ModuleList([norm_layer(c, **dd) for _ in range(self.stages)])
         self.act = act_layer()
-        self.register_state_dict_post_hook(_record_kernel_form)
+        self.register_state_dict_post_hook(_record_settings)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -196,24 +197,67 @@ class PIDEBlock(nn.Module):
             out = torch.add(x, self.act(norm(pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
         return out
 
+    def settings(self) -> dict:
+        """What the block's outputs depend on beyond its weights, as its state dict's metadata records it."""
+        out = {k: getattr(self, k) for k in RECORDED}
+        bn = next((m for m in self.norms if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        if bn is not None:
+            out.update(bn_eps=float(bn.eps), bn_momentum=None if bn.momentum is None else float(bn.momentum))
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         version = local_metadata.get('version')
-        # Release 0.1 computed the paper's kernel; metadata-free state dicts (timm's loaders strip it) say nothing.
-        trained = 1.0 if version == 1 else local_metadata.get('embed_scale')
-        if trained is not None and abs(trained - self.embed_scale) > 1e-6 * self.embed_scale:
-            form = 'paper' if version == 1 else local_metadata.get('kernel_scale')
-            key = (self.operator, trained, self.embed_scale)
-            if key not in _warned_forms:
-                _warned_forms.add(key)
+        where = prefix[:-1] or 'PIDEBlock'
+        if version is not None and version >= 3:
+            ours = self.settings()
+            # kernel_scale names the form; embed_scale is what the outputs depend on ('width' is 'paper' for some)
+            diffs = [(k, local_metadata[k], ours[k]) for k in ours if k in local_metadata and k != 'kernel_scale'
+                     and not _same(local_metadata[k], ours[k])]
+            if any(k == 'embed_scale' for k, _, _ in diffs):
+                diffs.insert(0, ('kernel_scale', local_metadata.get('kernel_scale'), ours['kernel_scale']))
+            if diffs and tuple(diffs) not in _warned_forms:  # shapes that differ fail in torch's loader, as ever
+                _warned_forms.add(tuple(diffs))
                 warnings.warn(
-                    f'{prefix or "PIDEBlock"}: this state dict was trained with kernel_scale={form!r} (embed_scale '
-                    f'{trained:g}{", pide_zoo 0.1" if version == 1 else ""}) but the block computes '
-                    f'kernel_scale={self.kernel_scale!r} (embed_scale {self.embed_scale:g}); pass '
-                    f'kernel_scale={form!r} to the block (its block_cfg) to get the outputs it was '
-                    f'trained for', UserWarning, stacklevel=2)
+                    f'{where}: this state dict was saved from a block with '
+                    f'{", ".join(f"{k}={a!r}" for k, a, _ in diffs)}, but this block has '
+                    f'{", ".join(f"{k}={b!r}" for k, _, b in diffs)}; build it with the saved settings (its '
+                    f'block_cfg) to get the outputs it was trained for', UserWarning, stacklevel=2)
+        else:
+            self._check_kernel_form(version, where, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
+    def _check_kernel_form(self, version, where: str, local_metadata: dict) -> None:
+        # Release 0.1 computed the paper's kernel; 0.2 recorded the kernel form only; metadata-free state dicts
+        # (timm's loaders strip it) say nothing.
+        trained = 1.0 if version == 1 else local_metadata.get('embed_scale')
+        if trained is None or abs(trained - self.embed_scale) <= 1e-6 * self.embed_scale:
+            return
+        form = 'paper' if version == 1 else local_metadata.get('kernel_scale')
+        key = (self.operator, trained, self.embed_scale)
+        if key in _warned_forms:
+            return
+        _warned_forms.add(key)
+        if form == self.kernel_scale:  # same form, other scale: the operator or the width differ (0.2 did not say)
+            advice = ('the operator or the embedding width differ from those it was saved with (pide_zoo 0.2 '
+                      'recorded neither); build the block as it was saved')
+        else:
+            advice = f'pass kernel_scale={form!r} to the block (its block_cfg) to get the outputs it was trained for'
+        warnings.warn(
+            f'{where}: this state dict was trained with kernel_scale={form!r} (embed_scale {trained:g}'
+            f'{", pide_zoo 0.1" if version == 1 else ""}) but the block computes kernel_scale={self.kernel_scale!r} '
+            f'(embed_scale {self.embed_scale:g}); {advice}', UserWarning, stacklevel=3)
 
-def _record_kernel_form(module: PIDEBlock, state_dict, prefix: str, local_metadata: dict) -> None:
-    local_metadata['kernel_scale'] = module.kernel_scale
-    local_metadata['embed_scale'] = module.embed_scale
+
+# The settings a state dict records (besides the batch norm's eps and momentum).
+RECORDED = ('operator', 's', 'n', 'lam', 'kernel', 'kernel_params', 'kernel_scale', 'embed_scale', 'channels',
+            'embed_channels', 'stages', 'subsample', 'normalizer', 'symmetric', 'h')
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+    return a == b
+
+
+def _record_settings(module: PIDEBlock, state_dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata.update(module.settings())

@@ -254,8 +254,16 @@ def test_state_dicts_record_their_kernel_form_and_warn_once_on_a_mismatch():
             PIDEBlock(8, operator='diffusion').state_dict())  # the dot kernel's width form is the paper's
         plain = OrderedDict(sd)  # timm's loaders drop the metadata: nothing to compare
         PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(plain)
-    with pytest.warns(UserWarning, match=r"trained with kernel_scale='width'.*pass kernel_scale='width'"):
+    with pytest.warns(UserWarning, match=r"saved from a block with kernel_scale='width', embed_scale=3\.0, but "
+                                         r"this block has kernel_scale='paper', embed_scale=1\.0; build it with"):
         PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(sd)
+    # pide_zoo 0.2 recorded the kernel form only
+    v02 = OrderedDict(PIDEBlock(8, operator='frac').state_dict())
+    v02._metadata = OrderedDict({'': {'version': 2, 'kernel_scale': 'width', 'embed_scale': width.embed_scale}})
+    with pytest.warns(UserWarning, match=r"trained with kernel_scale='width'.*pass kernel_scale='width'"):
+        PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(v02)
+    with pytest.warns(UserWarning, match='the operator or the embedding width differ'):
+        PIDEBlock(8, operator='log').load_state_dict(v02)  # the same form, another scale: not the form's fault
     # release 0.1 wrote version 1 and computed the paper's kernel
     v01 = OrderedDict(PIDEBlock(8, operator='log', kernel_scale='paper').state_dict())
     v01._metadata = OrderedDict({'': {'version': 1}})

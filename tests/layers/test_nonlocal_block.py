@@ -1,3 +1,4 @@
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -252,3 +253,31 @@ def test_empty_batch_gives_an_empty_output(operator, kernel, method):
         assert x.grad.shape == x.shape and all(p.grad is None or p.grad.abs().sum() == 0 for p in block.parameters())
     with torch.no_grad():
         assert block.eval()(torch.randn(0, 8, 6, 6)).shape == (0, 8, 6, 6)
+
+
+def test_state_dict_records_the_block_and_names_what_differs():
+    """Version 3 records the block's settings; loading into another block warns once, naming each setting with
+    both values; the same block loads silently, and so does a dict without metadata."""
+    from collections import OrderedDict
+
+    from pide_zoo.layers import nonlocal_block
+
+    nonlocal_block._warned_forms.clear()
+    frac = PIDEBlock(16, operator='frac_laplacian').state_dict()
+    meta = frac._metadata['']
+    assert meta['version'] == 3 and meta['operator'] == 'frac_laplacian' and meta['s'] == 0.5
+    assert (meta['embed_channels'], meta['stages'], meta['normalizer'], meta['bn_eps']) == (8, 2, 'key', 1e-5)
+    with pytest.warns(UserWarning, match=r"saved from a block with operator='frac_laplacian', but this block has "
+                                         r"operator='inv_frac_laplacian'; build it"):
+        PIDEBlock(16, operator='inv_frac_laplacian').load_state_dict(frac)
+    with pytest.warns(UserWarning, match=r"kernel_scale='width', operator='diffusion', s=None, embed_scale=1\.0, "
+                                         r"but this block has kernel_scale='width', operator='log', s=1\.0, "
+                                         r'embed_scale=2\.82'):
+        PIDEBlock(16, operator='log').load_state_dict(PIDEBlock(16, operator='diffusion').state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        PIDEBlock(16, operator='frac_laplacian').load_state_dict(frac)  # same: silent
+        PIDEBlock(16, operator='inv_frac_laplacian').load_state_dict(frac)  # warned once already
+        PIDEBlock(16, operator='log').load_state_dict(OrderedDict(frac))  # no metadata: nothing to compare
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        PIDEBlock(16, operator='frac_laplacian', embed_ratio=0.25).load_state_dict(frac)
