@@ -177,16 +177,7 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         for u in nonlocal_units:
             if not isinstance(u, int) or not 0 <= u < len(widths):
                 raise ValueError(f'nonlocal_units must hold Unit indices in [0, {len(widths)}), got {nonlocal_units}')
-        nl_layer = None
-        self.nonlocal_operator = None
-        if block_cfg is not None:
-            # The paper's blocks; the authors pass the network's h and batch norm to them too.
-            cfg = dict(operator='diffusion', stages=2, subsample=geom_nl, kernel_scale='paper', h=h,
-                       norm_layer=norm_layer)
-            cfg.update(check_block_cfg(block_cfg, 'HamiltonianNet'))
-            self.nonlocal_operator = resolve_operator(cfg['operator'])
-            nl_layer = partial(PIDEBlock, **cfg)
-
+        nl_layer = self._nonlocal_layer(block_cfg, subsample=geom_nl, h=h, norm_layer=norm_layer)
         stem_chs = stem_chs or widths[0]
         self.stem = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, stem_chs, 3, padding=1, **dd),
@@ -202,6 +193,17 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         self._build_head(num_classes, global_pool, **dd)
         self._init_weights()
         self._record_bn_settings()
+
+    def _nonlocal_layer(self, block_cfg: Optional[Dict[str, Any]], **paper) -> Optional[Callable[..., nn.Module]]:
+        """The PIDE block constructor of ``block_cfg`` over the paper's values (None: no blocks)."""
+        self.nonlocal_operator = None
+        if block_cfg is None:
+            return None
+        # The paper's blocks; the authors pass the network's h and batch norm to them too.
+        cfg = dict(operator='diffusion', stages=2, kernel_scale='paper', **paper)
+        cfg.update(check_block_cfg(block_cfg, 'HamiltonianNet'))
+        self.nonlocal_operator = resolve_operator(cfg['operator'])
+        return partial(PIDEBlock, **cfg)
 
     def _build_stages(self, stem_chs, depths, widths, h, nl_layer, nonlocal_units, nonlocal_after, reversible,
                       act_layer, block_kwargs, dd) -> None:
