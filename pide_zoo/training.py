@@ -275,31 +275,63 @@ def _input_size(model: nn.Module) -> Tuple[Tuple[int, int, int], bool]:
     return (int(c), int(h), int(w)), bool(cfg.get('fixed_input_size', False))
 
 
-def _load_segmentor(config: str, checkpoint: Optional[str], cfg_options: Optional[Dict[str, Any]],
-                    device: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """An mmseg segmentor (``mmseg.apis.init_model``) and its input size where the data preprocessor knows it."""
+def _classifier(checkpoint: Optional[str], model: Optional[str], model_kwargs: Optional[Dict[str, Any]],
+                dataset: Optional[str], use_ema: bool) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The classifier branch of :func:`load_model`: a train_cls checkpoint, or a timm name with a plain state dict
+    or fresh weights."""
+    import timm
+
+    ckpt = None
+    if checkpoint is not None:
+        path = _check_file(checkpoint)
+        ckpt = _read_torch_file(path, 'cpu')
+    if ckpt is not None and (model is None or isinstance(ckpt, dict) and 'arch' in ckpt and 'model_kwargs' in ckpt):
+        if model is not None and model.split('.')[0] != str(ckpt['arch']).split('.')[0]:
+            raise ValueError(f"checkpoint {path!r} holds {ckpt['arch']!r}, not model {model!r}")
+        ckpt = _check_checkpoint(ckpt, path)
+        if model_kwargs:
+            raise ValueError(f'checkpoint {path!r} records the model arguments; drop model_kwargs')
+        net = _model_from_checkpoint(ckpt, path, use_ema)
+        info = dict(kind='classifier', arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
+                    epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=path, args=ckpt.get('args', {}))
+    else:
+        kwargs = classifier_kwargs(model, dataset, model_kwargs) if dataset is not None else dict(model_kwargs or {})
+        net = timm.create_model(model, **kwargs)
+        info = dict(kind='classifier', arch=model, model_kwargs=plain(kwargs), dataset=dataset, epoch=0,
+                    data_mean=None, source='initialisation', args={})
+        if ckpt is not None:  # a plain state dict: timm's loader finds it (state_dict / model / EMA keys)
+            from timm.models import load_checkpoint as timm_load_checkpoint
+
+            try:
+                timm_load_checkpoint(net, path, use_ema=use_ema, strict=True)
+            except (RuntimeError, KeyError, TypeError, AttributeError) as e:  # load_state_dict's page, in a line
+                detail = ' '.join(str(e).split())[:300]
+                raise CheckpointError(f'{path}: its weights do not fit {model} {plain(kwargs)}: '
+                                      f'{type(e).__name__}: {detail}') from None
+            info.update(epoch=None, source=path)
+    return net, info
+
+
+def _model_argument(model: Optional[str], model_name: Optional[str]) -> Optional[str]:
+    if model_name is not None:
+        if model is not None:
+            raise ValueError('give model, not both model and model_name (its deprecated spelling)')
+        warnings.warn('load_model(model_name=...) is deprecated and will be removed in pide_zoo 0.3; '
+                      'use load_model(model=...)', FutureWarning, stacklevel=3)
+        model = model_name
+    return model
+
+
+def _segmentor(config: str, checkpoint: Optional[str], cfg_options: Optional[Dict[str, Any]],
+               device: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     config = _check_file(config, 'config file')
     if checkpoint is not None:
         checkpoint = _check_file(checkpoint)
     try:
-        import pide_zoo.seg  # noqa: F401  (registers the modules, allow-lists mmengine checkpoints)
+        from .seg.loading import load_segmentor  # registers the modules, allow-lists mmengine checkpoints
     except ImportError as e:
         raise ImportError(f'{config}: an mmseg config needs mmsegmentation (pip install -e .[seg]): {e}') from e
-    from mmengine.config import Config
-    from mmseg.apis import init_model
-
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    segmentor = init_model(cfg, checkpoint, device=str(device)).eval()
-    pre = segmentor.data_preprocessor
-    if getattr(pre, 'size', None):
-        size = (3, *pre.size)
-    else:
-        images = [t for t in pre.state_dict().values() if t.dim() == 3]  # a per-pixel mean image (3, H, W)
-        size = tuple(int(n) for n in images[0].shape) if images else None
-    return segmentor, dict(kind='segmentor', config=config, source=checkpoint or 'initialisation',
-                           input_size=size, fixed_input_size=False)
+    return load_segmentor(config, checkpoint, cfg_options, device)
 
 
 def load_model(checkpoint: Optional[str] = None, model: Optional[str] = None,
@@ -345,12 +377,7 @@ def load_model(checkpoint: Optional[str] = None, model: Optional[str] = None,
     """
     import timm
 
-    if model_name is not None:
-        if model is not None:
-            raise ValueError('give model, not both model and model_name (its deprecated spelling)')
-        warnings.warn('load_model(model_name=...) is deprecated and will be removed in pide_zoo 0.3; '
-                      'use load_model(model=...)', FutureWarning, stacklevel=2)
-        model = model_name
+    model = _model_argument(model, model_name)
     if checkpoint is None and model is None:
         raise ValueError('give a checkpoint, a model (timm name or mmseg config) or both')
     if model is not None and not isinstance(model, str):
@@ -359,40 +386,13 @@ def load_model(checkpoint: Optional[str] = None, model: Optional[str] = None,
         if model_kwargs or dataset is not None or use_ema:
             raise ValueError('model_kwargs, dataset and use_ema apply to timm models; change an mmseg config '
                              'through cfg_options')
-        return _load_segmentor(model, checkpoint, cfg_options, device)
+        return _segmentor(model, checkpoint, cfg_options, device)
     if cfg_options:
         raise ValueError(f'cfg_options apply to mmseg configs; {model!r} is taken as a timm model name')
     if model is not None and not timm.is_model(model):
         raise ValueError(f'{model!r} is not a timm model name (timm.list_models()) nor an mmseg config (.py)')
 
-    ckpt = None
-    if checkpoint is not None:
-        path = _check_file(checkpoint)
-        ckpt = _read_torch_file(path, 'cpu')
-    if ckpt is not None and (model is None or isinstance(ckpt, dict) and 'arch' in ckpt and 'model_kwargs' in ckpt):
-        if model is not None and model.split('.')[0] != str(ckpt['arch']).split('.')[0]:
-            raise ValueError(f"checkpoint {path!r} holds {ckpt['arch']!r}, not model {model!r}")
-        ckpt = _check_checkpoint(ckpt, path)
-        if model_kwargs:
-            raise ValueError(f'checkpoint {path!r} records the model arguments; drop model_kwargs')
-        net = _model_from_checkpoint(ckpt, path, use_ema)
-        info = dict(kind='classifier', arch=ckpt['arch'], model_kwargs=ckpt['model_kwargs'], dataset=ckpt['dataset'],
-                    epoch=ckpt['epoch'] + 1, data_mean=ckpt['data_mean'], source=path, args=ckpt.get('args', {}))
-    else:
-        kwargs = classifier_kwargs(model, dataset, model_kwargs) if dataset is not None else dict(model_kwargs or {})
-        net = timm.create_model(model, **kwargs)
-        info = dict(kind='classifier', arch=model, model_kwargs=plain(kwargs), dataset=dataset, epoch=0,
-                    data_mean=None, source='initialisation', args={})
-        if ckpt is not None:  # a plain state dict: timm's loader finds it (state_dict / model / EMA keys)
-            from timm.models import load_checkpoint as timm_load_checkpoint
-
-            try:
-                timm_load_checkpoint(net, path, use_ema=use_ema, strict=True)
-            except (RuntimeError, KeyError, TypeError, AttributeError) as e:  # load_state_dict's page, in a line
-                detail = ' '.join(str(e).split())[:300]
-                raise CheckpointError(f'{path}: its weights do not fit {model} {plain(kwargs)}: '
-                                      f'{type(e).__name__}: {detail}') from None
-            info.update(epoch=None, source=path)
+    net, info = _classifier(checkpoint, model, model_kwargs, dataset, use_ema)
     info['input_size'], info['fixed_input_size'] = _input_size(net)
     return net.to(device).eval(), info
 
