@@ -210,8 +210,9 @@ class PIDEBlock(nn.Module):
         where = prefix[:-1] or 'PIDEBlock'
         if version is not None and version >= 3:
             ours = self.settings()
-            # kernel_scale names the form; embed_scale is what the outputs depend on ('width' is 'paper' for some)
-            diffs = [(k, local_metadata[k], ours[k]) for k in ours if k in local_metadata and k != 'kernel_scale'
+            # kernel_scale names the form; embed_scale is what the outputs depend on ('width' is 'paper' for some).
+            # The batch norm is recorded, and compared by the paper's networks, which own it (one warning).
+            diffs = [(k, local_metadata[k], ours[k]) for k in RECORDED if k in local_metadata and k != 'kernel_scale'
                      and not _same(local_metadata[k], ours[k])]
             if any(k == 'embed_scale' for k, _, _ in diffs):
                 diffs.insert(0, ('kernel_scale', local_metadata.get('kernel_scale'), ours['kernel_scale']))
