@@ -100,14 +100,12 @@ class HamiltonianBlock(nn.Module):
     def forward(self, x: Tensor, update_stats: bool = True) -> Tensor:
         _check_block_input(x, self.channels)
         y, z = x.chunk(2, dim=1)
+        mask = None
         if self.drop_path and self.training:  # one draw per sample for both half steps: the step is skipped
             keep = 1.0 - self.drop_path
             mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
-            y = y + self.h * self.force(z, self.conv1, self.bn1, update_stats) * mask
-            z = z - self.h * self.force(y, self.conv2, self.bn2, update_stats) * mask
-            return torch.cat([y, z], dim=1)
-        y = y + self.h * self.force(z, self.conv1, self.bn1, update_stats)
-        z = z - self.h * self.force(y, self.conv2, self.bn2, update_stats)
+        y = y + self.h * _dropped(self.force(z, self.conv1, self.bn1, update_stats), mask)
+        z = z - self.h * _dropped(self.force(y, self.conv2, self.bn2, update_stats), mask)
         return torch.cat([y, z], dim=1)
 
     @torch.no_grad()
@@ -117,6 +115,10 @@ class HamiltonianBlock(nn.Module):
         z = z + self.h * self.force(y, self.conv2, self.bn2, update_stats=False)
         y = y - self.h * self.force(z, self.conv1, self.bn1, update_stats=False)
         return torch.cat([y, z], dim=1)
+
+
+def _dropped(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return t if mask is None else t * mask
 
 
 class _ReversibleFunction(torch.autograd.Function):

@@ -216,8 +216,9 @@ class PIDEBlock(nn.Module):
                      and not _same(local_metadata[k], ours[k])]
             if any(k == 'embed_scale' for k, _, _ in diffs):
                 diffs.insert(0, ('kernel_scale', local_metadata.get('kernel_scale'), ours['kernel_scale']))
-            if diffs and tuple(diffs) not in _warned_forms:  # shapes that differ fail in torch's loader, as ever
-                _warned_forms.add(tuple(diffs))
+            key = repr(diffs)  # kernel_params are dicts: not hashable
+            if diffs and key not in _warned_forms:  # shapes that differ fail in torch's loader, as ever
+                _warned_forms.add(key)
                 warnings.warn(
                     f'{where}: this state dict was saved from a block with '
                     f'{", ".join(f"{k}={a!r}" for k, a, _ in diffs)}, but this block has '

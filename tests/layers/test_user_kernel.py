@@ -129,3 +129,10 @@ def test_no_package_file_names_the_heat_kernel():
     root = pathlib.Path(__file__).resolve().parents[2] / 'pide_zoo'
     naming = [str(p) for p in root.rglob('*.py') if re.search(r'\bheat\b', p.read_text(), re.IGNORECASE)]
     assert naming == []
+
+
+def test_a_checkpoint_with_other_kernel_params_names_them():
+    saved = PIDEBlock(8, operator='heat', kernel_params=dict(t=0.5)).state_dict()
+    with pytest.warns(UserWarning, match=r"kernel_params=\{'t': 0\.5\}, but this block has "
+                                         r"kernel_params=\{'t': 0\.25\}"):
+        PIDEBlock(8, operator='heat', kernel_params=dict(t=0.25)).load_state_dict(saved)

@@ -65,6 +65,13 @@ def check_kernel_args(operator: str, s: Optional[float] = None, n: int = 2, kern
 def bind_kernel(operator: str, s: Optional[float] = None, n: int = 2, lam: float = 1.0,
                 kernel: Optional[str] = 'dot', embed_scale: float = 1.0, kernel_params: Params = None) -> BoundKernel:
     """The operator table's row for ``operator`` with its arguments checked and bound, as the paths use it."""
+    try:  # a block calls this every stage with the arguments it checked at construction: look them up first
+        raw = (operator, s, n, lam, kernel, embed_scale, tuple(sorted(kernel_params.items())) if kernel_params else ())
+        bound = _BOUND.get(raw)
+    except TypeError:  # unhashable arguments: the checks below say what is wrong
+        raw = bound = None
+    if bound is not None:
+        return bound
     op = get_operator(operator)
     s = op.check_s(s, n)
     kernel = resolve_kernel(kernel, op)
@@ -73,6 +80,8 @@ def bind_kernel(operator: str, s: Optional[float] = None, n: int = 2, lam: float
     bound = _BOUND.get(key)
     if bound is None:  # bound once per distinct argument set: a block's every forward reuses it
         bound = _BOUND[key] = BoundKernel(op, *key[1:6], dict(key[6]))
+    if raw is not None:
+        _BOUND[raw] = bound
     return bound
 
 
