@@ -112,9 +112,9 @@ def build(kind: str, case: Case, operator: str, method: str, flex: Any = None, e
     """The module a row measures: ``kind`` 'operator', 'block' or a key of PEERS."""
     torch.manual_seed(0)  # same weights for every path of a row
     if kind == 'block':
-        from pide_zoo.layers import PIDEBlock
+        from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
 
-        return PIDEBlock(case.channels, operator=operator, subsample=case.pool, method=method)
+        return PIDEBlock(case.channels, operator=operator, subsample=case.pool, method=method, **PAPER_WIDTHS)
     if kind in PEERS:
         library, mode, _ = PEERS[kind]
         if library == 'mmcv':

@@ -68,7 +68,8 @@ def max_pool(x, p):
 
 def conv1x1(x, conv):
     w = conv.weight.detach().double()[:, :, 0, 0]
-    return torch.einsum('oc,bchw->bohw', w, x) + conv.bias.detach().double().view(1, -1, 1, 1)
+    out = torch.einsum('oc,bchw->bohw', w, x)
+    return out if conv.bias is None else out + conv.bias.detach().double().view(1, -1, 1, 1)
 
 
 def batch_norm_eval(x, bn):
@@ -79,8 +80,10 @@ def batch_norm_eval(x, bn):
 
 
 def pide_block(block, x):
-    """B_k = X + h ReLU(BN(K_k A(B_{k-1}))), the kernel from theta(X), phi(X) pooled (eval-mode BN), evaluated
-    at theta / sigma, phi / sigma for the block's ``embed_scale`` sigma (1: the paper's kernel)."""
+    """B_k = X + h ReLU(BN(K_k A(P B_{k-1}))), the output X + gamma (B_S - X), the kernel from theta(X), phi(X)
+    pooled (eval-mode BN), evaluated at theta / sigma, phi / sigma for the block's ``embed_scale`` sigma (1: the
+    paper's kernel); P the value projection and gamma the update scale where the block has them (the paper's:
+    neither)."""
     x = x.double()
     b, c, hh, ww = x.shape
     theta = conv1x1(x, block.theta)
@@ -89,9 +92,13 @@ def pide_block(block, x):
     phi_k = max_pool(phi, p) if p > 1 else phi
     out = x
     for conv, bn in zip(block.convs, block.norms):
-        vk = max_pool(out, p) if p > 1 else out
+        v = out if block.value_proj is None else conv1x1(out, block.value_proj)
+        vk = max_pool(v, p) if p > 1 else v
         sigma = block.embed_scale
-        agg = aggregate(theta.flatten(2) / sigma, phi_k.flatten(2) / sigma, out.flatten(2), vk.flatten(2),
+        agg = aggregate(theta.flatten(2) / sigma, phi_k.flatten(2) / sigma, v.flatten(2), vk.flatten(2),
                         block.operator, block.s, block.n, block.lam, block.kernel, block.normalizer)
-        out = x + block.h * torch.relu(batch_norm_eval(conv1x1(agg.view(b, c, hh, ww), conv), bn))
+        update = torch.relu(batch_norm_eval(conv1x1(agg.view(b, v.shape[1], hh, ww), conv), bn))
+        out = x + block.h * update
+    if block.gamma is not None:
+        out = x + block.gamma.detach().double().view(1, -1, 1, 1) * (out - x)
     return out

@@ -11,8 +11,17 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import make_divisible
 from torch import Tensor, nn
 
+from ._block_state import (
+    PAPER_WIDTHS,
+    RECORDED,
+    _warned_forms,  # noqa: F401  (tests reset it)
+    check_loaded,
+    record_settings,
+    settings,
+)
 from .fast_paths import pointwise_conv
 from .ops import (
     bind_kernel,
@@ -24,16 +33,13 @@ from .ops import (
     resolve_method,
 )
 
-__all__ = ['PIDEBlock']
+__all__ = ['PIDEBlock', 'PAPER_WIDTHS', 'RECORDED']
 
 # Leaves for torch.fx: shape-dependent Python (validation, tiling, the CPU path choice) stays out of graphs.
 torch.fx.wrap('_check_input')
 torch.fx.wrap('pointwise_conv')
 torch.fx.wrap('pide_kernel')
 torch.fx.wrap('nonlocal_aggregate')
-
-_warned_forms: set = set()
-
 
 def _check_input(x: Tensor, channels: int, subsample: int) -> None:
     if x.dim() != 4:
@@ -51,14 +57,51 @@ def _positive(name: str, value, kind: type = Real):
     return value
 
 
+def _embed_width(channels: int, embed_ratio, rd_ratio, rd_channels, rd_divisor) -> int:
+    if embed_ratio is not None:
+        warnings.warn('PIDEBlock: embed_ratio is deprecated and will be removed in pide_zoo 0.4; use rd_ratio '
+                      '(with rd_divisor=1 for the same width)', FutureWarning, stacklevel=3)
+        return max(1, int(round(channels * _positive('embed_ratio', embed_ratio))))
+    if rd_channels is not None:
+        return _positive('rd_channels', rd_channels, int)
+    return _reduced(channels, _positive('rd_ratio', rd_ratio), _positive('rd_divisor', rd_divisor, int))
+
+
+def _value_width(channels: int, value_ratio, value_channels, rd_divisor) -> int:
+    if value_channels is not None:
+        if _positive('value_channels', value_channels, int) > channels:
+            raise ValueError(f'value_channels must be at most channels={channels}, got {value_channels}')
+        return value_channels
+    if value_ratio is None:
+        return channels
+    if not 0 < _positive('value_ratio', value_ratio) <= 1:
+        raise ValueError(f'value_ratio must lie in (0, 1] (None: full width), got {value_ratio!r}')
+    return min(channels, _reduced(channels, value_ratio, rd_divisor))
+
+
+def _reduced(channels: int, ratio: float, divisor: int) -> int:
+    # rd_divisor=1 keeps the rounding of every release before 0.3 (the paper's C/2); else timm's make_divisible.
+    return max(1, int(round(channels * ratio))) if divisor == 1 else make_divisible(channels * ratio, divisor)
+
+
 class PIDEBlock(nn.Module):
     """Multi-stage nonlocal block discretising a PIDE operator.
 
-    With B_0 = X and k = 1..``stages``:  B_k = X + h * ReLU(BN(K_k A(B_{k-1}))),
-    where A is the nonlocal aggregate of ``operator`` (see :func:`nonlocal_aggregate`) whose kernel
-    omega(theta(X_i), phi(X_j)) is computed once from X, and K_k is a 1x1 convolution.
-    Keys (phi(X) and the values at key positions) are max-pooled by ``subsample``.
-    The output has the shape of the input.
+    With B_0 = X and k = 1..``stages``:  B_k = X + h * ReLU(BN(K_k A(P B_{k-1}))), and the output
+    X + gamma * (B_S - X), where A is the nonlocal aggregate of ``operator`` (see :func:`nonlocal_aggregate`) whose
+    kernel omega(theta(X_i), phi(X_j)) is computed once from X, P a bias-free 1x1 projection to ``value_channels``
+    shared by the stages (none at full width), K_k a 1x1 convolution back to C and gamma a per-channel scale of
+    the block's update (timm's layer scale; none with ``ls_init_value=None``). Keys (phi(X) and the values at key
+    positions) are max-pooled by ``subsample``. The output has the shape of the input.
+
+    The defaults are those of a block mixed into another network, at the cost of timm's ``NonLocalAttn``:
+    theta and phi at C/8 (``rd_ratio``, ``rd_divisor`` as timm's attention layers), values aggregated at
+    C/16, and a zero-initialised update scale, so a fresh block is the identity (in training and inference
+    mode): at step 0 only gamma has a gradient, after one step every parameter has one. The paper's block
+    (and every PIDEBlock before pide_zoo 0.3) has theta and phi at C/2, full-width values and no scale:
+    ``PIDEBlock(C, **PAPER_WIDTHS)``, i.e. ``rd_ratio=0.5, rd_divisor=1, value_ratio=None,
+    ls_init_value=None``; the paper's networks, ``PIDEHead`` (with a zero update scale) and the long-range
+    demos build theirs so.
 
     Args:
         channels: number of input (= output) channels C.
@@ -70,7 +113,7 @@ class PIDEBlock(nn.Module):
         stages: number of stages S (the paper: 2; Table 2: 4).
         h: step size h.
         lam: kernel scaling lambda.
-        embed_ratio: width of theta and phi relative to C.
+        embed_ratio: deprecated spelling of ``rd_ratio`` with ``rd_divisor=1`` (removed in pide_zoo 0.4).
         subsample: max-pool size on the key side (1 = off).
         kernel: ``'dot'`` or ``'embedded_gaussian'`` (diffusion only; ``'gaussian'``, its former name, is
             deprecated).
@@ -88,12 +131,20 @@ class PIDEBlock(nn.Module):
             sigma, the kernel evaluated at theta / sigma, phi / sigma.
         norm_layer: normalisation after each K_k.
         act_layer: activation after the normalisation.
+        rd_ratio: width E of theta and phi relative to C (default 1/8), rounded by timm's ``make_divisible``
+            to a multiple of ``rd_divisor`` (default 8; 1: rounded to the nearest integer).
+        rd_channels: E itself (overrides ``rd_ratio``).
+        value_ratio: width of the aggregated values relative to C (default 1/16, rounded as E); None: the
+            values at full width with no projection (the paper's form).
+        value_channels: that width itself (overrides ``value_ratio``; ``channels``: full width).
+        ls_init_value: initial value of the per-channel update scale gamma (default 0: the block starts as the
+            identity); None: no scale (the paper's form).
         in_channels: alias of ``channels`` for mmcv's plugin builder.
     """
 
-    # 3: the block's settings are recorded in the state dict's metadata (2: the kernel form only; 1: release 0.1,
-    # the paper's form).
-    _version = 3
+    # 4: the value width recorded too; 3: the block's settings recorded in the state dict's metadata (2: the kernel
+    # form only; 1: release 0.1, the paper's form).
+    _version = 4
 
     def __init__(
             self,
@@ -104,7 +155,7 @@ class PIDEBlock(nn.Module):
             stages: int = 2,
             h: float = 0.06,
             lam: float = 0.1,
-            embed_ratio: float = 0.5,
+            embed_ratio: Optional[float] = None,
             subsample: int = 2,
             kernel: str = 'dot',
             kernel_params: Optional[dict] = None,
@@ -116,6 +167,12 @@ class PIDEBlock(nn.Module):
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             act_layer: Callable[..., nn.Module] = nn.ReLU,
             *,
+            rd_ratio: float = 1 / 8,
+            rd_channels: Optional[int] = None,
+            rd_divisor: int = 8,
+            value_ratio: Optional[float] = 1 / 16,
+            value_channels: Optional[int] = None,
+            ls_init_value: Optional[float] = 0.0,
             in_channels: Optional[int] = None,
             device=None,
             dtype=None,
@@ -137,7 +194,8 @@ class PIDEBlock(nn.Module):
         self.normalizer = check_normalizer(normalizer)
         self.method = resolve_method(method, self.operator, self.kernel)
         self.tile_size = check_tile_size(tile_size)
-        self.embed_channels = max(1, int(round(self.channels * _positive('embed_ratio', embed_ratio))))
+        self.embed_channels = _embed_width(self.channels, embed_ratio, rd_ratio, rd_channels, rd_divisor)
+        self.value_channels = _value_width(self.channels, value_ratio, value_channels, rd_divisor)
         self.kernel_scale = kernel_scale
         self.embed_scale = embed_scale_for(kernel_scale, self.operator, self.kernel, self.embed_channels)
         self._needs_rowsum = bound.op.needs_rowsum(self.normalizer)
@@ -146,10 +204,17 @@ class PIDEBlock(nn.Module):
         c = self.channels
         self.theta = nn.Conv2d(c, self.embed_channels, 1, **dd)
         self.phi = None if self.symmetric else nn.Conv2d(c, self.embed_channels, 1, **dd)
-        self.convs = nn.ModuleList([nn.Conv2d(c, c, 1, **dd) for _ in range(self.stages)])
+        v = self.value_channels
+        # Values in a reduced space: the aggregate is linear and per channel, so it commutes with this projection.
+        self.value_proj = nn.Conv2d(c, v, 1, bias=False, **dd) if v < c else None
+        self.convs = nn.ModuleList([nn.Conv2d(v, c, 1, **dd) for _ in range(self.stages)])
         self.norms = nn.ModuleList([norm_layer(c, **dd) for _ in range(self.stages)])
         self.act = act_layer()
-        self.register_state_dict_post_hook(_record_settings)
+        self.ls_init_value = ls_init_value
+        # The block's update B_S - X scaled per channel (timm's layer scale); zero at the start makes the block the
+        # identity, and after one step every parameter has a gradient (a zero last batch norm would stay stuck).
+        self.gamma = None if ls_init_value is None else nn.Parameter(torch.empty(c, **dd))
+        self.register_state_dict_post_hook(record_settings)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,11 +222,15 @@ class PIDEBlock(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.gamma is not None:
+            nn.init.constant_(self.gamma, self.ls_init_value)
 
     def extra_repr(self) -> str:
         s = f', s={self.s}' if self.s is not None else ''
         return (f'channels={self.channels}, operator={self.operator!r}{s}, stages={self.stages}, h={self.h}, '
+                f'embed_channels={self.embed_channels}, value_channels={self.value_channels}, '
                 f'lam={self.lam}, subsample={self.subsample}, kernel={self.kernel!r}, method={self.method!r}, '
                 f'kernel_scale={self.kernel_scale!r}')
 
@@ -190,76 +259,21 @@ class PIDEBlock(nn.Module):
             if self._needs_rowsum:
                 rowsum = kern.sum(2)
         out = x
-        for conv, norm in zip(self.convs, self.norms):
-            agg = nonlocal_aggregate(theta, phi, out.flatten(2), self._pool(out).flatten(2), **kw,
+        for k, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            v = out if self.value_proj is None else pointwise_conv(out, self.value_proj.weight, None)
+            agg = nonlocal_aggregate(theta, phi, v.flatten(2), self._pool(v).flatten(2), **kw,
                                      normalizer=self.normalizer, method=self.method, tile_size=self.tile_size,
                                      kernel_matrix=kern, rowsum=rowsum)
-            out = torch.add(x, self.act(norm(pointwise_conv(agg.view_as(x), conv.weight, conv.bias))), alpha=self.h)
+            update = self.act(norm(pointwise_conv(agg.view_as(v), conv.weight, conv.bias)))
+            if self.gamma is not None and k == self.stages - 1:
+                update = update * self.gamma.view(1, -1, 1, 1)
+            out = torch.add(x, update, alpha=self.h)
         return out
 
     def settings(self) -> dict:
         """What the block's outputs depend on beyond its weights, as its state dict's metadata records it."""
-        out = {k: getattr(self, k) for k in RECORDED}
-        bn = next((m for m in self.norms if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
-        if bn is not None:
-            out.update(bn_eps=float(bn.eps), bn_momentum=None if bn.momentum is None else float(bn.momentum))
-        return out
+        return settings(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        version = local_metadata.get('version')
-        where = prefix[:-1] or 'PIDEBlock'
-        if version is not None and version >= 3:
-            ours = self.settings()
-            # kernel_scale names the form; embed_scale is what the outputs depend on ('width' is 'paper' for some).
-            # The batch norm is recorded, and compared by the paper's networks, which own it (one warning).
-            diffs = [(k, local_metadata[k], ours[k]) for k in RECORDED if k in local_metadata and k != 'kernel_scale'
-                     and not _same(local_metadata[k], ours[k])]
-            if any(k == 'embed_scale' for k, _, _ in diffs):
-                diffs.insert(0, ('kernel_scale', local_metadata.get('kernel_scale'), ours['kernel_scale']))
-            key = repr(diffs)  # kernel_params are dicts: not hashable
-            if diffs and key not in _warned_forms:  # shapes that differ fail in torch's loader, as ever
-                _warned_forms.add(key)
-                warnings.warn(
-                    f'{where}: this state dict was saved from a block with '
-                    f'{", ".join(f"{k}={a!r}" for k, a, _ in diffs)}, but this block has '
-                    f'{", ".join(f"{k}={b!r}" for k, _, b in diffs)}; build it with the saved settings (its '
-                    f'block_cfg) to get the outputs it was trained for', UserWarning, stacklevel=2)
-        else:
-            self._check_kernel_form(version, where, local_metadata)
+        check_loaded(self, state_dict, prefix, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
-
-    def _check_kernel_form(self, version, where: str, local_metadata: dict) -> None:
-        # Release 0.1 computed the paper's kernel; 0.2 recorded the kernel form only; metadata-free state dicts
-        # (timm's loaders strip it) say nothing.
-        trained = 1.0 if version == 1 else local_metadata.get('embed_scale')
-        if trained is None or abs(trained - self.embed_scale) <= 1e-6 * self.embed_scale:
-            return
-        form = 'paper' if version == 1 else local_metadata.get('kernel_scale')
-        key = (self.operator, trained, self.embed_scale)
-        if key in _warned_forms:
-            return
-        _warned_forms.add(key)
-        if form == self.kernel_scale:  # same form, other scale: the operator or the width differ (0.2 did not say)
-            advice = ('the operator or the embedding width differ from those it was saved with (pide_zoo 0.2 '
-                      'recorded neither); build the block as it was saved')
-        else:
-            advice = f'pass kernel_scale={form!r} to the block (its block_cfg) to get the outputs it was trained for'
-        warnings.warn(
-            f'{where}: this state dict was trained with kernel_scale={form!r} (embed_scale {trained:g}'
-            f'{", pide_zoo 0.1" if version == 1 else ""}) but the block computes kernel_scale={self.kernel_scale!r} '
-            f'(embed_scale {self.embed_scale:g}); {advice}', UserWarning, stacklevel=3)
-
-
-# The settings a state dict records (besides the batch norm's eps and momentum).
-RECORDED = ('operator', 's', 'n', 'lam', 'kernel', 'kernel_params', 'kernel_scale', 'embed_scale', 'channels',
-            'embed_channels', 'stages', 'subsample', 'normalizer', 'symmetric', 'h')
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
-    return a == b
-
-
-def _record_settings(module: PIDEBlock, state_dict, prefix: str, local_metadata: dict) -> None:
-    local_metadata.update(module.settings())

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..layers.block_cfg import block_cfg_from_old_names, check_block_cfg
 from ..layers.hamiltonian import HamiltonianUnit
-from ..layers.nonlocal_block import PIDEBlock
+from ..layers.nonlocal_block import PAPER_WIDTHS, PIDEBlock
 from ..layers.ops import resolve_operator
 from ._paper_norm import BatchNormRecordMixin, paper_norm_layer
 from ._staged import StagedFeaturesMixin
@@ -200,7 +200,7 @@ class HamiltonianNet(BatchNormRecordMixin, StagedFeaturesMixin, nn.Module):
         if block_cfg is None:
             return None
         # The paper's blocks; the authors pass the network's h and batch norm to them too.
-        cfg = dict(operator='diffusion', stages=2, kernel_scale='paper', **paper)
+        cfg = dict(operator='diffusion', stages=2, kernel_scale='paper', **PAPER_WIDTHS, **paper)
         cfg.update(check_block_cfg(block_cfg, 'HamiltonianNet'))
         self.nonlocal_operator = resolve_operator(cfg['operator'])
         return partial(PIDEBlock, **cfg)

@@ -12,7 +12,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..layers.block_cfg import check_block_cfg
-from ..layers.nonlocal_block import PIDEBlock
+from ..layers.nonlocal_block import PAPER_WIDTHS, PIDEBlock
 
 __all__ = ['PIDEHead']
 
@@ -68,7 +68,8 @@ class PIDEHead(FCNHead):
                           f'pide_zoo 0.4; pass them as block_cfg=dict({", ".join(f"{k}=..." for k in old)})',
                           FutureWarning, stacklevel=2)
             block_cfg = old
-        cfg = check_block_cfg(block_cfg, 'PIDEHead')
+        # The head's block keeps the paper's widths (NLHead's cost) and starts as the identity, as NLHead's.
+        cfg = {**PAPER_WIDTHS, 'ls_init_value': 0.0, **check_block_cfg(block_cfg, 'PIDEHead')}
         for key in ('norm_layer', 'act_layer'):
             if key in cfg:
                 raise ValueError(f"PIDEHead: block_cfg must not set {key!r}; the head's norm_cfg and act_cfg give them")

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pide_zoo.layers import PIDEBlock
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
 from pide_zoo.layers.hamiltonian import HamiltonianBlock, HamiltonianUnit, hamiltonian_units, smoothness_penalty
 
 
@@ -83,7 +83,7 @@ def _unit_pair(nonlocal_layer=None):
 
 @pytest.mark.parametrize('with_nonlocal', [False, True])
 def test_reversible_gradients_equal_stored_activations(with_nonlocal):
-    nl = (lambda c, **kw: PIDEBlock(c, operator='frac_laplacian', **kw)) if with_nonlocal else None
+    nl = (lambda c, **kw: PIDEBlock(c, operator='frac_laplacian', **PAPER_WIDTHS, **kw)) if with_nonlocal else None
     stored, rev = _unit_pair(nl)
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
     outs, grads = [], []
@@ -118,7 +118,7 @@ def test_reversible_saves_no_block_activations():
 
 def test_smoothness_penalty_matches_formula():
     torch.manual_seed(3)
-    nl = lambda c, **kw: PIDEBlock(c, **kw)  # noqa: E731
+    nl = lambda c, **kw: PIDEBlock(c, **PAPER_WIDTHS, **kw)  # noqa: E731
     units = nn.Sequential(HamiltonianUnit(4, 3, h=0.1, nonlocal_layer=nl), HamiltonianUnit(6, 2, h=0.2))
     alpha = 1e-3
     want = 0.0

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pide_zoo.layers import PIDEBlock, width_scale
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock, width_scale
 from pide_zoo.layers.nonlocal_block import _warned_forms
 from pide_zoo.layers.pide_ops import nonlocal_aggregate
 
@@ -65,8 +65,9 @@ def test_width_scale():
     assert width_scale('log', 'dot', 64) == pytest.approx(8)
     assert width_scale('diffusion', 'embedded_gaussian', 64) == pytest.approx(64 ** 0.25)
     assert width_scale('diffusion', 'dot', 64) == 1.0
-    block = PIDEBlock(32, operator='frac')
+    block = PIDEBlock(32, operator='frac', rd_channels=16)
     assert block.kernel_scale == 'width' and block.embed_scale == pytest.approx(1.5 * 4)
+    assert PIDEBlock(32, operator='frac').embed_scale == pytest.approx(1.5 * 8 ** 0.5)  # E = 8 (rd_divisor)
     assert PIDEBlock(32, operator='frac', kernel_scale='paper').embed_scale == 1.0
     assert PIDEBlock(32, operator='frac', kernel_scale=2.0).embed_scale == 2.0
     with pytest.raises(ValueError, match='kernel_scale must be one of'):
@@ -87,18 +88,22 @@ def test_paper_networks_keep_the_paper_kernel_and_mixed_in_blocks_get_the_width_
 
 @pytest.mark.parametrize('operator', ['frac_laplacian', 'inv_frac_laplacian', 'log'])
 @pytest.mark.parametrize('channels', [16, 2048])
-def test_width_scale_keeps_the_signal_above_batch_norms_eps(operator, channels):
-    """The input of the first batch norm at initialisation, x = ReLU(N(0, 1)): the width scale keeps its standard
-    deviation above 1e-2 (about 3 sqrt(eps)); the paper's fractional Laplacian kernel is below sqrt(eps) here."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize('widths', ['mixing', 'paper'])
+def test_width_scale_keeps_the_signal_above_batch_norms_eps(operator, channels, widths):
+    """The input of the first batch norm at initialisation, x = ReLU(N(0, 1)), median of three seeds: the width
+    scale keeps its standard deviation above 1e-2 (about 3 sqrt(eps)) at the mixing defaults and the paper's widths;
+    the paper's fractional Laplacian kernel is below sqrt(eps) here."""
     stds = {}
     for form in ('width', 'paper'):
-        block = PIDEBlock(channels, operator=operator, kernel_scale=form, stages=1)
         seen = []
-        block.norms[0].register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[0].std().item()))
-        with torch.no_grad():
-            block(torch.relu(torch.randn(2, channels, 8, 8)))
-        stds[form] = seen[0]
+        for seed in range(3):
+            torch.manual_seed(seed)
+            block = PIDEBlock(channels, operator=operator, kernel_scale=form, stages=1,
+                              **(PAPER_WIDTHS if widths == 'paper' else {}))
+            block.norms[0].register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[0].std().item()))
+            with torch.no_grad():
+                block(torch.relu(torch.randn(2, channels, 8, 8)))
+        stds[form] = sorted(seen)[1]
     assert stds['width'] > 1e-2, stds
     if operator == 'frac_laplacian':
         assert stds['paper'] < 1e-3, stds
@@ -145,17 +150,32 @@ def test_wide_frac_block_carries_information_across_the_image(form):
 
 
 def test_frac_attn_layer_in_resnet50_gets_gradients_like_diffusion():
-    """A PIDEBlock in every bottleneck of timm's resnet50 (256-2048 channels): layer 4's fractional Laplacian
-    blocks get K_1 gradients within 100x of the diffusion blocks'."""
+    """A PIDEBlock in every bottleneck of timm's resnet50 (256-2048 channels). At the mixing defaults the blocks
+    start as the identity: at step 0 only their update scales get gradients, after one SGD step every parameter
+    does. With the update scale at 1, layer 4's fractional Laplacian blocks get K_1 gradients within 100x of the
+    diffusion blocks' (what the width scale is for)."""
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    grads = {}
-    for operator in ('diffusion', 'frac_laplacian'):
+
+    def build(operator, **kwargs):
         torch.manual_seed(0)
         model = timm.create_model('resnet50', num_classes=10, zero_init_last=False,
-                                  block_args=dict(attn_layer=partial(PIDEBlock, operator=operator)))
-        model(x).logsumexp(1).sum().backward()
+                                  block_args=dict(attn_layer=partial(PIDEBlock, operator=operator, **kwargs)))
         blocks = [m for m in model.layer4.modules() if isinstance(m, PIDEBlock)]
         assert len(blocks) == 3 and blocks[0].channels == 2048
+        return model, blocks
+
+    model, blocks = build('frac_laplacian')
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).logsumexp(1).sum().backward()
+    assert all(b.gamma.grad.abs().sum() > 0 and b.theta.weight.grad.abs().sum() == 0 for b in blocks)
+    optimizer.step()
+    optimizer.zero_grad()
+    model(x).logsumexp(1).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for b in blocks for p in b.parameters())
+    grads = {}
+    for operator in ('diffusion', 'frac_laplacian'):
+        model, blocks = build(operator, ls_init_value=1.0)
+        model(x).logsumexp(1).sum().backward()
         grads[operator] = min(float(b.convs[0].weight.grad.norm() / b.convs[0].weight.detach().norm()) for b in blocks)
     assert grads['diffusion'] / 100 < grads['frac_laplacian'] < grads['diffusion'] * 100, grads
 
@@ -243,36 +263,40 @@ def _state_dict_bytes(sd):
     return torch.load(buf, weights_only=True)
 
 
+def _paper_block(*args, **kwargs):
+    return PIDEBlock(*args, **PAPER_WIDTHS, **kwargs)
+
+
 def test_state_dicts_record_their_kernel_form_and_warn_once_on_a_mismatch():
     _warned_forms.clear()
-    width = PIDEBlock(8, operator='frac')
+    width = _paper_block(8, operator='frac')
     sd = _state_dict_bytes(width.state_dict())  # the metadata survives torch.save / weights_only load
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        PIDEBlock(8, operator='frac').load_state_dict(sd)  # same form: silent
-        PIDEBlock(8, operator='diffusion', kernel_scale='paper').load_state_dict(
-            PIDEBlock(8, operator='diffusion').state_dict())  # the dot kernel's width form is the paper's
+        _paper_block(8, operator='frac').load_state_dict(sd)  # same form: silent
+        _paper_block(8, operator='diffusion', kernel_scale='paper').load_state_dict(
+            _paper_block(8, operator='diffusion').state_dict())  # the dot kernel's width form is the paper's
         plain = OrderedDict(sd)  # timm's loaders drop the metadata: nothing to compare
-        PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(plain)
+        _paper_block(8, operator='frac', kernel_scale='paper').load_state_dict(plain)
     with pytest.warns(UserWarning, match=r"saved from a block with kernel_scale='width', embed_scale=3\.0, but "
                                          r"this block has kernel_scale='paper', embed_scale=1\.0; build it with"):
-        PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(sd)
+        _paper_block(8, operator='frac', kernel_scale='paper').load_state_dict(sd)
     # pide_zoo 0.2 recorded the kernel form only
-    v02 = OrderedDict(PIDEBlock(8, operator='frac').state_dict())
+    v02 = OrderedDict(_paper_block(8, operator='frac').state_dict())
     v02._metadata = OrderedDict({'': {'version': 2, 'kernel_scale': 'width', 'embed_scale': width.embed_scale}})
     with pytest.warns(UserWarning, match=r"trained with kernel_scale='width'.*pass kernel_scale='width'"):
-        PIDEBlock(8, operator='frac', kernel_scale='paper').load_state_dict(v02)
+        _paper_block(8, operator='frac', kernel_scale='paper').load_state_dict(v02)
     with pytest.warns(UserWarning, match='the operator or the embedding width differ'):
-        PIDEBlock(8, operator='log').load_state_dict(v02)  # the same form, another scale: not the form's fault
+        _paper_block(8, operator='log').load_state_dict(v02)  # the same form, another scale: not the form's fault
     # release 0.1 wrote version 1 and computed the paper's kernel
-    v01 = OrderedDict(PIDEBlock(8, operator='log', kernel_scale='paper').state_dict())
+    v01 = OrderedDict(_paper_block(8, operator='log', kernel_scale='paper').state_dict())
     v01._metadata = OrderedDict({'': {'version': 1}})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         for _ in range(3):  # e.g. the blocks of one network
-            PIDEBlock(8, operator='log').load_state_dict(v01)
+            _paper_block(8, operator='log').load_state_dict(v01)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1 and "pass kernel_scale='paper'" in messages[0] and 'pide_zoo 0.1' in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        PIDEBlock(8, operator='log', kernel_scale='paper').load_state_dict(v01)
+        _paper_block(8, operator='log', kernel_scale='paper').load_state_dict(v01)

@@ -6,12 +6,16 @@ import pytest
 import timm
 import torch
 
-from pide_zoo.layers import PIDEBlock
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
 
 import reference
 
 CASES = [('diffusion', 'dot'), ('diffusion', 'embedded_gaussian'), ('frac_laplacian', 'dot'),
          ('inv_frac_laplacian', 'dot'), ('log', 'dot')]
+
+
+# The paper's widths, and reduced ones (embeddings, values) with update scales, as a mixed-in block's.
+WIDTHS = {'paper': PAPER_WIDTHS, 'reduced': dict(rd_channels=2, value_channels=3, ls_init_value=0.5)}
 
 
 def _randomize_norms(block, seed=0):
@@ -21,15 +25,18 @@ def _randomize_norms(block, seed=0):
         bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+    if block.gamma is not None:  # zero at the start: the reference would compare identities
+        block.gamma.data.copy_(torch.rand(block.gamma.shape, generator=g) + 0.5)
 
 
 @pytest.mark.parametrize('operator,kernel', CASES)
 @pytest.mark.parametrize('subsample', [1, 2])
 @pytest.mark.parametrize('stages', [2, 4])
-def test_block_matches_equations(operator, kernel, subsample, stages):
+@pytest.mark.parametrize('widths', WIDTHS)
+def test_block_matches_equations(operator, kernel, subsample, stages, widths):
     torch.manual_seed(0)
     block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=subsample, stages=stages, h=0.5,
-                      lam=0.3, dtype=torch.float64).eval()
+                      lam=0.3, dtype=torch.float64, **WIDTHS[widths]).eval()
     _randomize_norms(block)
     x = torch.randn(2, 6, 4, 6, dtype=torch.float64)
     with torch.no_grad():
@@ -40,9 +47,11 @@ def test_block_matches_equations(operator, kernel, subsample, stages):
 
 
 @pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'log'])
-def test_symmetric_and_methods_agree(operator):
+@pytest.mark.parametrize('widths', WIDTHS)
+def test_symmetric_and_methods_agree(operator, widths):
     torch.manual_seed(1)
-    block = PIDEBlock(4, operator=operator, symmetric=True, dtype=torch.float64).eval()
+    block = PIDEBlock(4, operator=operator, symmetric=True, dtype=torch.float64, **WIDTHS[widths]).eval()
+    _randomize_norms(block)
     assert block.phi is None
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
@@ -95,9 +104,40 @@ def test_plugin_signature_and_device_dtype():
 def test_parameter_count_matches_paper_layout():
     # theta, phi: C -> C/2 (+bias); K_k: C -> C (+bias); BN: 2C per stage.
     c = 112
-    block = PIDEBlock(c)
+    block = PIDEBlock(c, **PAPER_WIDTHS)
     want = 2 * (c * c // 2 + c // 2) + 2 * (c * c + c + 2 * c)
     assert sum(p.numel() for p in block.parameters()) == want
+
+
+@pytest.mark.parametrize('c', [256, 512, 1024, 2048])
+def test_mixing_defaults_cost_no_more_than_timms_non_local_attn(c):
+    """theta, phi: C -> C/8 (+bias, timm's rd_ratio and rd_divisor); values: C -> C/16 once, C/16 -> C per stage
+    (+bias): together <= C^2/4 weights; BN: 2C per stage; update scale: C."""
+    from timm.layers import NonLocalAttn
+
+    block = PIDEBlock(c)
+    e, v = c // 8, c // 16
+    assert (block.embed_channels, block.value_channels) == (e, v)
+    value_weights = block.value_proj.weight.numel() + sum(conv.weight.numel() for conv in block.convs)
+    assert value_weights == 3 * c * v <= c * c / 4
+    assert sum(p.numel() for p in block.parameters()) == 2 * (c * e + e) + value_weights + 2 * (c + 2 * c) + c
+    assert sum(p.numel() for p in block.parameters()) <= sum(p.numel() for p in NonLocalAttn(c).parameters())
+
+
+def test_widths_in_timms_words_and_the_deprecated_embed_ratio():
+    assert PIDEBlock(64).embed_channels == 8 and PIDEBlock(64, rd_ratio=0.25).embed_channels == 16
+    assert PIDEBlock(64, rd_channels=12).embed_channels == 12
+    assert PIDEBlock(48, rd_divisor=4).embed_channels == 8  # timm's make_divisible: 6 to a multiple of 4
+    assert PIDEBlock(64, value_channels=64).value_proj is None and PIDEBlock(64, value_ratio=None).value_proj is None
+    assert PIDEBlock(64, ls_init_value=None).gamma is None
+    with pytest.warns(FutureWarning, match='embed_ratio is deprecated.*rd_ratio'):
+        assert PIDEBlock(6, embed_ratio=0.5).embed_channels == 3
+    for kwargs, match in [(dict(rd_ratio=0), 'rd_ratio must be a positive number'),
+                          (dict(rd_channels=2.5), 'rd_channels must be a positive int'),
+                          (dict(value_ratio=1.5), r'value_ratio must lie in \(0, 1\]'),
+                          (dict(value_channels=65), 'value_channels must be at most channels=64')]:
+        with pytest.raises(ValueError, match=match):
+            PIDEBlock(64, **kwargs)
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -136,8 +176,11 @@ def test_state_dicts_of_release_0_1_load_and_give_the_same_outputs():
     for operator in ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log']:
         case = saved[operator]
         block = PIDEBlock(6, operator=operator, subsample=2, stages=2, h=0.5, lam=0.3, kernel_scale='paper',
-                          dtype=torch.float64)
+                          dtype=torch.float64, **PAPER_WIDTHS)
         block.load_state_dict(case['state_dict'])
+        with pytest.raises(RuntimeError, match=r'3 embedding channels, 6 value channels and no update scale.*'
+                                               r'rd_channels=3, value_ratio=None, ls_init_value=None.*PAPER_WIDTHS'):
+            PIDEBlock(6, operator=operator, subsample=2, kernel_scale='paper').load_state_dict(case['state_dict'])
         with torch.no_grad():
             torch.testing.assert_close(block.eval()(case['x']), case['eval'], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(block.train()(case['x']), case['train'], rtol=1e-12, atol=1e-12)
@@ -186,11 +229,12 @@ def test_pointwise_conv_is_used_only_where_it_applies(monkeypatch):
 
 
 @pytest.mark.parametrize('operator,kernel', CASES)
-def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatch, operator, kernel):
+@pytest.mark.parametrize('widths', WIDTHS)
+def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatch, operator, kernel, widths):
     from pide_zoo.layers import fast_paths, nonlocal_block
     torch.manual_seed(0)
     block = PIDEBlock(6, operator=operator, kernel=kernel, subsample=2, h=0.5, lam=0.3,
-                      dtype=torch.float64).train()
+                      dtype=torch.float64, **WIDTHS[widths]).train()
     x = torch.randn(2, 6, 4, 6, dtype=torch.float64, requires_grad=True)
     grad = torch.randn_like(x)
 
@@ -202,7 +246,8 @@ def test_training_block_gradients_do_not_depend_on_the_pointwise_path(monkeypatc
     real = fast_paths._PointwiseConv.apply
     monkeypatch.setattr(fast_paths._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     got = run()
-    assert len(calls) == 1 + block.stages  # the embedding and every stage's K_k took the GEMM path
+    # the embedding and every stage's K_k (and value projection) took the GEMM path
+    assert len(calls) == 1 + block.stages * (1 if block.value_proj is None else 2)
     monkeypatch.setattr(nonlocal_block, 'pointwise_conv', torch.nn.functional.conv2d)
     want = run()
     for a, e in zip(got, want):
@@ -222,7 +267,8 @@ def test_dense_training_block_is_twice_differentiable(monkeypatch):
     # e.g. a gradient penalty: second derivatives through the CPU fast path equal those through F.conv2d
     from pide_zoo.layers import fast_paths, nonlocal_block
     torch.manual_seed(0)
-    block = PIDEBlock(4, operator='frac_laplacian', subsample=2, method='dense', dtype=torch.float64).train()
+    block = PIDEBlock(4, operator='frac_laplacian', subsample=2, method='dense', dtype=torch.float64,
+                      **WIDTHS['reduced']).train()
     x = torch.randn(2, 4, 4, 6, dtype=torch.float64, requires_grad=True)
 
     def second_order():
@@ -233,7 +279,7 @@ def test_dense_training_block_is_twice_differentiable(monkeypatch):
     real = fast_paths._PointwiseConv.apply
     monkeypatch.setattr(fast_paths._PointwiseConv, 'apply', lambda *a: calls.append(1) or real(*a))
     got = second_order()
-    assert len(calls) == 1 + block.stages
+    assert len(calls) == 1 + 2 * block.stages
     monkeypatch.setattr(nonlocal_block, 'pointwise_conv', torch.nn.functional.conv2d)
     want = second_order()
     for a, e in zip(got, want):  # conv biases before training-mode BN get ~0 gradients: absolute tolerance
@@ -265,8 +311,9 @@ def test_state_dict_records_the_block_and_names_what_differs():
     nonlocal_block._warned_forms.clear()
     frac = PIDEBlock(16, operator='frac_laplacian').state_dict()
     meta = frac._metadata['']
-    assert meta['version'] == 3 and meta['operator'] == 'frac_laplacian' and meta['s'] == 0.5
-    assert (meta['embed_channels'], meta['stages'], meta['normalizer'], meta['bn_eps']) == (8, 2, 'key', 1e-5)
+    assert meta['version'] == 4 and meta['operator'] == 'frac_laplacian' and meta['s'] == 0.5
+    assert (meta['embed_channels'], meta['value_channels'], meta['stages'], meta['normalizer'], meta['bn_eps']) == (
+        8, 8, 2, 'key', 1e-5)
     with pytest.warns(UserWarning, match=r"saved from a block with operator='frac_laplacian', but this block has "
                                          r"operator='inv_frac_laplacian'; build it"):
         PIDEBlock(16, operator='inv_frac_laplacian').load_state_dict(frac)
@@ -279,5 +326,8 @@ def test_state_dict_records_the_block_and_names_what_differs():
         PIDEBlock(16, operator='frac_laplacian').load_state_dict(frac)  # same: silent
         PIDEBlock(16, operator='inv_frac_laplacian').load_state_dict(frac)  # warned once already
         PIDEBlock(16, operator='log').load_state_dict(OrderedDict(frac))  # no metadata: nothing to compare
-    with pytest.raises(RuntimeError, match='size mismatch'):
-        PIDEBlock(16, operator='frac_laplacian', embed_ratio=0.25).load_state_dict(frac)
+    with pytest.raises(RuntimeError, match='8 embedding channels, 8 value channels and an update scale, but this '
+                                           'block has 4, 16 and no update scale; build it with rd_channels=8, '
+                                           'value_channels=8, ls_init_value=0.0 to load it'):
+        PIDEBlock(16, operator='frac_laplacian', rd_channels=4, value_ratio=None, ls_init_value=None).load_state_dict(
+            frac)

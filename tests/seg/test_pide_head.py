@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
 import pide_zoo.seg.heads  # noqa: E402
-from pide_zoo.layers import PIDEBlock  # noqa: E402
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock  # noqa: E402
 from pide_zoo.seg.heads import PIDEHead  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -44,6 +44,9 @@ OPERATORS = {'diffusion': 'diffusion', 'frac': 'frac_laplacian'}
 CONFIGS = [(f'pidehead-{op}_r50-d8_{sched}.py', OPERATORS[op], sched, classes)
            for sched, classes in SCHEDULES.items() for op in OPERATORS]
 NL_ONLY_KEYS = ('reduction', 'use_scale', 'mode')
+
+# The head keeps the paper's widths and starts as the identity, as NLHead's NonLocal2d.
+HEAD_WIDTHS = {**PAPER_WIDTHS, 'ls_init_value': 0.0}
 
 
 def _config(name, **overrides):
@@ -124,7 +127,8 @@ def _manual(head, operator, concat_input):
     """The head's composition rebuilt from independent modules with the head's weights."""
     norm = dict(type='BN')
     conv0 = ConvModule(6, 4, 3, padding=1, norm_cfg=norm)
-    block = PIDEBlock(4, operator=operator, stages=2, subsample=2, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU)
+    block = PIDEBlock(4, operator=operator, stages=2, subsample=2, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU,
+                      **HEAD_WIDTHS)
     conv1 = ConvModule(4, 4, 3, padding=1, norm_cfg=norm)
     conv_cat = ConvModule(10, 4, 3, padding=1, norm_cfg=norm) if concat_input else None
     cls = nn.Conv2d(4, 3, 1)
@@ -149,7 +153,10 @@ def _manual(head, operator, concat_input):
 def test_head_equals_its_composition_in_values_and_gradients(operator, concat_input):
     torch.manual_seed(0)
     head = PIDEHead(in_channels=6, channels=4, num_classes=3, dropout_ratio=0, block_cfg=dict(operator=operator),
-                    concat_input=concat_input, norm_cfg=dict(type='BN')).double()
+                    concat_input=concat_input, norm_cfg=dict(type='BN'))
+    # zero at the start (the identity): the block's path would be untested
+    torch.nn.init.uniform_(head.pide_block.gamma, 0.5, 1.5)
+    head.double()
     forward, pairs, _ = _manual(head, operator, concat_input)
     x = torch.randn(2, 6, 8, 12, dtype=torch.float64)
     weight = torch.randn(2, 3, 8, 12, dtype=torch.float64)
@@ -173,15 +180,21 @@ def _relative_grad(conv):
 
 
 def test_frac_head_learns_at_r50_width():
-    """R-50-D8 width (2048 -> 512 channels, 256-dim embeddings): the paper's fractional Laplacian kernel puts the
-    aggregate far below BN's eps (K_1 relative gradient ~1e-8); the default width scale keeps it within 100x of
-    the diffusion head's."""
+    """R-50-D8 width (2048 -> 512 channels, 256-dim embeddings), after one SGD step from the identity: the paper's
+    fractional Laplacian kernel puts the aggregate far below BN's eps; the default width scale keeps its K_1
+    relative gradient within 100x of the diffusion head's."""
     x = torch.randn(2, 2048, 16, 16, generator=torch.Generator().manual_seed(0))
     grads = {}
     for operator, scale in (('diffusion', 'width'), ('frac_laplacian', 'width'), ('frac_laplacian', 'paper')):
         torch.manual_seed(0)
         head = PIDEHead(in_channels=2048, channels=512, num_classes=19, norm_cfg=dict(type='BN'),
                         block_cfg=dict(operator=operator, kernel_scale=scale))
+        # the block starts as the identity: one SGD step gives its update scales their first values
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+        head([x]).square().mean().backward()
+        assert head.pide_block.gamma.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
         head([x]).square().mean().backward()
         grads[operator, scale] = _relative_grad(head.pide_block.convs[0])
     diffusion = grads['diffusion', 'width']
@@ -196,7 +209,7 @@ def test_head_picks_its_input_by_in_index():
 
 
 @pytest.mark.parametrize('block_args,want', [
-    (dict(operator='frac', s=0.3, n=3, stages=3, h=0.1, lam=0.2, embed_ratio=0.25, subsample=3, symmetric=True,
+    (dict(operator='frac', s=0.3, n=3, stages=3, h=0.1, lam=0.2, rd_ratio=0.25, subsample=3, symmetric=True,
           normalizer='rowsum', method='dense', tile_size=16),
      dict(operator='frac_laplacian', s=0.3, n=3, stages=3, h=0.1, lam=0.2, embed_channels=2, subsample=3,
           symmetric=True, phi=None, normalizer='rowsum', method='dense', tile_size=16)),
@@ -209,12 +222,13 @@ def test_every_block_argument_passes_through(block_args, want):
     block = PIDEHead(in_channels=8, channels=8, num_classes=2, block_cfg=block_args).pide_block
     assert {k: getattr(block, k) for k in want} == want
     # and nothing else differs from the block built directly (the same resolved method, widths, ...)
-    assert repr(block) == repr(PIDEBlock(8, norm_layer=nn.Identity, **block_args))  # norm_cfg=None: no norm
+    assert repr(block) == repr(PIDEBlock(8, norm_layer=nn.Identity, **{**HEAD_WIDTHS, **block_args}))  # no norm
 
 
-def test_head_defaults_are_the_block_defaults():
+def test_head_defaults_are_the_block_defaults_at_the_papers_widths():
     head = PIDEHead(in_channels=8, channels=8, num_classes=2).pide_block  # FCNHead's norm_cfg=None: no norm
-    assert repr(head) == repr(PIDEBlock(8, norm_layer=nn.Identity))
+    assert repr(head) == repr(PIDEBlock(8, norm_layer=nn.Identity, **HEAD_WIDTHS))
+    assert (head.embed_channels, head.value_channels, head.value_proj) == (4, 8, None)
 
 
 def test_flat_block_arguments_still_work_with_a_warning():

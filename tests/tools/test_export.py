@@ -11,7 +11,7 @@ from test_cls_tools import _run, _tool
 
 import pide_zoo  # noqa: F401  (registers the models)
 from pide_zoo.export import export_onnx, export_program, onnx_value_shapes
-from pide_zoo.layers import PIDEBlock
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
 from pide_zoo.training import CHECKPOINT_FORMAT, checkpoint_meta
 
 onnx = pytest.importorskip('onnx', reason='the export extra: pip install -e .[export]')
@@ -115,7 +115,7 @@ def test_value_shapes_find_a_dense_kernel(tmp_path):
     x = torch.randn(2, 4, 8, 8)  # N = 64 queries, M = 16 keys
     largest = {}
     for method in ('dense', 'lowrank'):
-        block = PIDEBlock(4, subsample=2, method=method).eval()
+        block = PIDEBlock(4, subsample=2, method=method, **PAPER_WIDTHS).eval()
         path = str(tmp_path / f'{method}.onnx')
         export_onnx(export_program(block, x, fixed_spatial=True), path)
         largest[method] = max(torch.Size(s).numel() for s in onnx_value_shapes(path, x[:1]).values())
@@ -187,7 +187,7 @@ def test_exported_block_runs_with_autograd(operator):
     """An exported program of a fused-path block runs with gradients too (it records the forward pass, which
     therefore has no in-place update of a tensor autograd saves), and they match the eager block's."""
     torch.manual_seed(0)
-    block = PIDEBlock(8, operator=operator, method='fused').eval()
+    block = PIDEBlock(8, operator=operator, method='fused', ls_init_value=1.0).eval()  # not the identity
     x = torch.randn(2, 8, 8, 8)
     with torch.no_grad():
         program = torch.export.export(block, (x,))

@@ -24,7 +24,7 @@ from pide_zoo.flops import (
     set_nonlocal_method,
     truncate,
 )
-from pide_zoo.layers import PIDEBlock
+from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
 
 TOLERANCE = 0.03  # relative, against the paper's Table 4
 
@@ -85,7 +85,7 @@ def test_efficient_path_is_cheaper_for_diffusion():
 
 
 def _block(operator, **kwargs):
-    return PIDEBlock(8, operator=operator, stages=2, subsample=2, **kwargs).eval()
+    return PIDEBlock(8, operator=operator, stages=2, subsample=2, **{**PAPER_WIDTHS, **kwargs}).eval()
 
 
 def test_dense_block_counts_kernel_and_stages():
