@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The first GPU run of pide_zoo as one prepared call (about 6 minutes on one H100): install the project
-# without dependency resolution, then tools/gpu_check.py's sections (env, tests, cuda_check,
-# bench_nonlocal, timm_models, mmseg), one summary at the end, JSON results in $OUT.
+# The GPU checks of pide_zoo as one prepared call (within 6 minutes: gpu_check.py's budgets): install the
+# project without dependency resolution, then tools/gpu_check.py's sections (env; tests: pytest -m cuda;
+# cpu_tests: the device-independent tests on the CPU; bench: the benchmarks with --device cuda --quick), one
+# summary at the end, JSON results in $OUT.
 #
 # Planned for the lent GPU machine's own environment: its python3 with torch (2.11 + CUDA 13 when last
-# read), triton and timm, but no OpenMMLab packages, no fvcore and no network. What it lacks and is pure
-# Python travels as wheels in gpu_wheels/ (ignored by git, named in `carry`):
+# read), triton, timm, pytest and pytest-xdist, but no OpenMMLab packages, no fvcore and no network. What it
+# lacks and is pure Python travels as wheels in gpu_wheels/ (ignored by git, named in `carry`):
 #
 #   1. here, once (needs the package index):
 #        bash tools/gpu_check.sh --fetch-wheels    # fvcore (built from its sdist), iopath, yacs, termcolor
@@ -13,16 +14,17 @@
 #        command:   bash tools/gpu_check.sh
 #        carry:     ["gpu_wheels"]
 #        timeout_s: 450
-#      It writes 7 files to $OUT (the tool returns up to 8): gpu_check.json (every section: status, key
-#      numbers, data), gpu_check.log (all output), tests.log (pytest's), and the benchmark's own tables
-#      bench_nonlocal_{flex,operators,blocks,peers}.json (benchmarks/harness.py's schema, for docs/benchmarks/).
+#      It writes 5 files to $OUT (the tool returns up to 8): gpu_check.json (every section: status, summary,
+#      data: the tests' counts, failures, skip reasons and recorded numbers, the benchmark tables in
+#      benchmarks/harness.py's schema), gpu_check.log (all output) and the logs tests.log, cpu_tests.log
+#      and bench.log.
 #
 # Without gpu_wheels/ the run still works: tests/tools/test_flops.py is left out (it needs fvcore).
 # mmseg cannot travel: mmcv 2.1 needs its compiled ops (mmcv.ops) built against the machine's torch, and
-# nothing can be built or fetched there; the mmseg section says so and is skipped.
+# nothing can be built or fetched there; tests/seg/test_cuda_seg.py and bench_heads.py are skipped, saying so.
 #
 # Here, on the CPU:   DRY_RUN=1 bash tools/gpu_check.sh   (or python tools/gpu_check.py --dry-run)
-# Options after the command go to gpu_check.py (--sections env,cuda_check  --budget S  --dry-run).
+# Options after the command go to gpu_check.py (--sections env,tests  --pytest ARGS  --bench nonlocal  --budget S).
 # The exit code is gpu_check.py's: 0 when no section failed, 1 when one did (124 when it ran past
 # GPU_CHECK_TIMEOUT, default 390 s, with whatever it had written kept).
 set -uo pipefail
