@@ -22,8 +22,8 @@ SIZES = {'cpu': (2, (16, 32)), 'cuda': (8, (90, 160))}
 @pytest.mark.parametrize('operator', OPERATORS)
 def test_head_trains_under_bf16_autocast(device, operator):
     torch.manual_seed(0)
-    head = PIDEHead(in_channels=64, channels=32, num_classes=19, block_cfg=dict(operator=operator, subsample=2),
-                    norm_cfg=dict(type='BN')).to(device).train()
+    head = PIDEHead(in_channels=64, channels=32, num_classes=19, norm_cfg=dict(type='BN'),
+                    block_cfg=dict(operator=operator, subsample=2, ls_init_value=1.0)).to(device).train()
     batch, size = SIZES[device.type]
     x = torch.randn(batch, 64, *size, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
