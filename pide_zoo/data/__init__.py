@@ -1,1 +1,1 @@
-"""Dataset preparation and loading shared by the tools."""
+"""Dataset preparation (BDD100K) and, deprecated until 0.4, the old path of :mod:`pide_zoo.cls.data`."""

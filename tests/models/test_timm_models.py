@@ -251,9 +251,10 @@ _LOADED = ('import sys; print(sorted({m.split(".")[0] for m in sys.modules} & '
 
 
 def test_import_is_light():
-    """``import pide_zoo`` (and its training and export helpers) need torch and timm: no OpenMMLab package, no
-    fvcore, no matplotlib."""
-    out = _fresh_python('import pide_zoo, pide_zoo.training, pide_zoo.export; ' + _LOADED)
+    """``import pide_zoo`` (and its classification face, checkpoints and export) need torch and timm: no OpenMMLab
+    package, no fvcore, no matplotlib."""
+    out = _fresh_python('import pide_zoo, pide_zoo.cls, pide_zoo.checkpoint, pide_zoo.training, pide_zoo.export; '
+                        + _LOADED)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == '[]'
     assert pide_zoo.__version__ == '0.2.0'
