@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from bdd100k_converter import LayoutError, check_layout, prepare_bdd100k, subsample
 
 pytest.importorskip('mmseg', reason='the mmseg face needs the seg extra: pip install -e .[seg]')
 
@@ -18,7 +19,6 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
-from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample  # noqa: E402
 from pide_zoo.checkpoint import load_model  # noqa: E402
 from pide_zoo.layers import PIDEBlock  # noqa: E402
 from pide_zoo.models import _paper_norm  # noqa: E402
