@@ -1,6 +1,6 @@
 """The tests mirror the package (layers, models, seg, tools, docs); the shared references (``reference.py``,
 ``authors_reference.py``) live here and a few test modules share helpers, so every folder is importable. So are
-the modules of the repository's tools/ (the BDD100K converter), as the tools import them."""
+the modules of the repository's tools/ (the BDD100K converter, the paper's tables), as the tools import them."""
 import os.path as osp
 import sys
 
