@@ -6,11 +6,11 @@ dynamic, and so is the spatial size unless the network fixes it (the paper's poo
 ``fixed_input_size`` in the timm cfg) or has PIDE blocks (see :func:`export_and_check`). The graphs take
 what the network's first layer takes:
 
-* classifiers: images with the train split's mean already subtracted (``pide_zoo.training``);
+* classifiers: images with the train split's mean already subtracted (:mod:`pide_zoo.cls`);
 * mmseg segmentors: the data preprocessor's output (RGB in [0, 1] minus the mean image), and they
   return the decode head's logits (``mode='tensor'``), before any resizing.
 
-Models come from :func:`pide_zoo.training.load_model` (checkpoint, timm name or mmseg config); segmentors are
+Models come from :func:`pide_zoo.checkpoint.load_model` (checkpoint, timm name or mmseg config); segmentors are
 wrapped in :class:`SegmentorLogits`. The ONNX side needs the ``export`` extra (``pip install -e .[export]``:
 onnx, onnxscript, onnxruntime).
 """
@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_model
 from .layers import PIDEBlock
-from .training import load_model
 
 __all__ = [
     'MIN_OPSET', 'SegmentorLogits', 'fix_tile_sizes', 'export_program', 'export_onnx', 'onnx_max_abs_diff',
@@ -52,18 +52,18 @@ class SegmentorLogits(nn.Module):
 def load_classifier(model_name: Optional[str] = None, checkpoint: Optional[str] = None,
                     model_kwargs: Optional[Dict[str, Any]] = None,
                     use_ema: bool = False) -> Tuple[nn.Module, Tuple[int, int, int], bool]:
-    """Deprecated: ``(model, input size, fixed)``; use :func:`pide_zoo.training.load_model`. Removed in 0.3."""
+    """Deprecated: ``(model, input size, fixed)``; use :func:`pide_zoo.checkpoint.load_model`. Removed in 0.3."""
     warnings.warn('pide_zoo.export.load_classifier is deprecated and will be removed in pide_zoo 0.3; use '
-                  'pide_zoo.training.load_model(checkpoint, model_name)', FutureWarning, stacklevel=2)
+                  'pide_zoo.checkpoint.load_model(checkpoint, model_name)', FutureWarning, stacklevel=2)
     model, info = load_model(checkpoint, model_name, model_kwargs, use_ema=use_ema)
     return model, info['input_size'], info['fixed_input_size']
 
 
 def load_segmentor(config: str, checkpoint: Optional[str] = None,
                    cfg_options: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Optional[Tuple[int, int, int]]]:
-    """Deprecated: ``(SegmentorLogits, input size)``; use :func:`pide_zoo.training.load_model`. Removed in 0.3."""
+    """Deprecated: ``(SegmentorLogits, input size)``; use :func:`pide_zoo.checkpoint.load_model`. Removed in 0.3."""
     warnings.warn('pide_zoo.export.load_segmentor is deprecated and will be removed in pide_zoo 0.3; use '
-                  'SegmentorLogits(pide_zoo.training.load_model(checkpoint, config)[0])', FutureWarning, stacklevel=2)
+                  'SegmentorLogits(pide_zoo.checkpoint.load_model(checkpoint, config)[0])', FutureWarning, stacklevel=2)
     segmentor, info = load_model(checkpoint, config, cfg_options=cfg_options)
     return SegmentorLogits(segmentor).eval(), info['input_size']
 

@@ -1,4 +1,4 @@
-"""FLOP and parameter counts of the pide_zoo models with fvcore, beside the paper's Tables 1-4.
+"""FLOP and parameter counts of the pide_zoo models (and any module) with fvcore.
 
 fvcore traces a model with ``torch.jit.trace`` and counts every traced ``aten::`` op with a handle;
 an op without a handle is reported by ``.unsupported_ops()``. :data:`FLOP_HANDLES` is the one table
@@ -18,8 +18,9 @@ every weight's He-normal initializer (one per weight); the paper then truncates 
 By hand, these rules give ResNet-44, Hamiltonian-74 and the diffusion network's cells exactly.
 fvcore's convention stays within about 1 % of every cell of Table 4 in the ``'dense'`` mode; the
 rest is mostly batch norm (2 per element here, 0 there) and the pointwise ops on the N x M kernel
-(pow, log), which only ``elementwise`` counts. ``tools/flops.py`` prints the comparison;
-``tools/get_flops.py`` counts any mmseg config with the same handles (:func:`module_flop_analysis`).
+(pow, log), which only ``elementwise`` counts. ``tools/flops.py`` prints the comparison with the paper's
+tables (kept with the tools, in ``tools/paper_tables.py``); ``tools/get_flops.py`` counts any mmseg config with
+the same handles (:func:`module_flop_analysis`).
 
 :class:`~pide_zoo.layers.PIDEBlock` evaluates its kernel in one of several ways; the paper formed
 the dense N x M kernel once and applied it in every stage. :func:`count_flops` sets the method of
@@ -52,61 +53,14 @@ from .layers.nonlocal_block import PIDEBlock
 from .layers.ops import resolve_method
 
 __all__ = [
-    'DATASETS', 'PAPER_NAMES', 'PAPER_TABLE4', 'PAPER_PARAMS', 'PAPER_SEG_PARAMS', 'TABLE4_MODELS', 'ALL_MODELS',
-    'POINTWISE_OPS', 'ZERO_COST_OPS', 'FLOP_HANDLES', 'flop_handles', 'PIDEFlopCountAnalysis',
+    'DATASETS', 'POINTWISE_OPS', 'ZERO_COST_OPS', 'FLOP_HANDLES', 'flop_handles', 'PIDEFlopCountAnalysis',
     'set_nonlocal_method', 'pide_block_names', 'module_flop_analysis', 'flop_analysis', 'count_flops',
     'count_params', 'truncate', 'create_paper_model', 'segmentation_params',
 ]
 
+# The datasets whose cfgs the paper's networks have (timm tags), as in Tables 1-4.
 DATASETS = ('cifar10', 'cifar100', 'stl10')
-
-# The paper's names of the networks.
-PAPER_NAMES: Dict[str, str] = {
-    'resnet44_cifar': 'ResNet-44',
-    'preresnet20_cifar': 'PreResNet-20',
-    'hamiltonian74': 'Hamiltonian-74',
-    'nl_hamiltonian74': 'Nonlocal diffusion L',
-    'nl_hamiltonian74_frac': '(-Delta)^{1/2}',
-    'nl_hamiltonian74_invfrac': '(-Delta)^{-1/2}',
-    'nl_hamiltonian74_log': '(-Delta)^{-1}',
-    'nl_hamiltonian74_4stage': 'Diffusion L, 4 stages',
-}
-
-# Table 4: FLOPs in M multiply-adds, for CIFAR-10, CIFAR-100, STL-10.
-PAPER_TABLE4: Dict[str, Tuple[float, float, float]] = {
-    'resnet44_cifar': (98.3, 98.3, 879.5),
-    'hamiltonian74': (159.6, 159.9, 1432.5),
-    'nl_hamiltonian74': (192.9, 193.2, 2003.7),
-    'nl_hamiltonian74_frac': (193.4, 193.7, 2012.5),
-    'nl_hamiltonian74_invfrac': (193.2, 193.5, 2011.0),
-    'nl_hamiltonian74_log': (193.6, 193.9, 2019.5),
-}
-TABLE4_MODELS = tuple(PAPER_TABLE4)
-
-# Tables 1 and 2: parameters in M, for CIFAR-10, CIFAR-100, STL-10. The paper truncates to two decimals
-# (ResNet-44 on CIFAR-100 has 0.6687 M, listed as 0.66); so does Table 4 (to one decimal).
-PAPER_PARAMS: Dict[str, Tuple[float, float, float]] = {
-    'resnet44_cifar': (0.66, 0.66, 0.66),
-    'preresnet20_cifar': (0.57, 0.59, 0.57),
-    'hamiltonian74': (0.50, 0.67, 0.50),
-    'nl_hamiltonian74': (0.56, 0.72, 0.55),
-    'nl_hamiltonian74_frac': (0.56, 0.72, 0.55),
-    'nl_hamiltonian74_invfrac': (0.56, 0.72, 0.55),
-    'nl_hamiltonian74_log': (0.56, 0.72, 0.55),
-    'nl_hamiltonian74_4stage': (0.59, 0.76, 0.59),
-}
-ALL_MODELS = tuple(PAPER_PARAMS)
-
-# Table 3 (BDD100K segmentation, no pooling, 1x1 conv head to 20 classes): parameters in M.
-PAPER_SEG_PARAMS: Dict[str, float] = {
-    'resnet44_cifar': 0.66,
-    'preresnet20_cifar': 0.57,
-    'hamiltonian74': 0.49,
-    'nl_hamiltonian74': 0.54,
-    'nl_hamiltonian74_frac': 0.54,
-    'nl_hamiltonian74_invfrac': 0.54,
-    'nl_hamiltonian74_log': 0.54,
-}
+# Table 3's layout (BDD100K at 160x90, 20 classes) for segmentation_params.
 SEG_NUM_CLASSES = 20
 SEG_IMG_SIZE = (90, 160)
 

@@ -61,7 +61,7 @@ def main() -> int:
     from mmseg.apis import inference_model
     from mmseg.registry import DATASETS
 
-    from pide_zoo.training import load_model
+    from pide_zoo.checkpoint import load_model
 
     configs = (LOCAL_CONFIG, NONLOCAL_CONFIG)
     models = [load_model(ckpt, cfg, device=args.device)[0] for cfg, ckpt in zip(configs, ckpts)]

@@ -13,8 +13,16 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from pide_zoo.data.classification import DATASETS, SPLITS, DatasetCorruptError, DatasetNotFoundError, build_dataset
-from pide_zoo.training import CheckpointError, evaluate, load_models, median_summary
+from pide_zoo.checkpoint import CheckpointError, load_models
+from pide_zoo.cls import (
+    DATASETS,
+    SPLITS,
+    DatasetCorruptError,
+    DatasetNotFoundError,
+    build_dataset,
+    evaluate,
+    median_summary,
+)
 
 CHECKPOINT_NAMES = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
 

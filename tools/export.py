@@ -17,8 +17,8 @@ import sys
 
 from timm.utils import ParseKwargs
 
+from pide_zoo.checkpoint import load_model
 from pide_zoo.export import MIN_OPSET, SegmentorLogits, export_and_check
-from pide_zoo.training import load_model
 
 
 class _CfgOptions(argparse.Action):

@@ -4,8 +4,9 @@
     python tools/flops.py --nonlocal-method both       # ... and this project's efficient path
     python tools/flops.py --markdown > flops.md        # GitHub tables
 
-FLOPs are fvcore's multiply-adds (see :mod:`pide_zoo.flops`); the paper's are TensorFlow profiler
-flops / 2, which also count pointwise ops at 1/2 and weight initializers, hence the small differences.
+FLOPs are fvcore's multiply-adds (see :mod:`pide_zoo.flops`); the paper's (``paper_tables.py`` beside this tool)
+are TensorFlow profiler flops / 2, which also count pointwise ops at 1/2 and weight initializers, hence the small
+differences.
 """
 from __future__ import annotations
 
@@ -19,20 +20,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from paper_tables import ALL_MODELS, COLUMNS, PAPER_NAMES, PAPER_PARAMS, PAPER_SEG_PARAMS, PAPER_TABLE4
 from tqdm import tqdm
 
-from pide_zoo.flops import (
-    ALL_MODELS,
-    DATASETS,
-    PAPER_NAMES,
-    PAPER_PARAMS,
-    PAPER_SEG_PARAMS,
-    PAPER_TABLE4,
-    count_flops,
-    count_params,
-    create_paper_model,
-    segmentation_params,
-)
+from pide_zoo.flops import DATASETS, count_flops, count_params, create_paper_model, segmentation_params
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'stl10': 'STL-10'}
 
@@ -67,7 +58,7 @@ def flops_table(flops: Dict[Tuple[str, str], float], models: Sequence[str], data
         row = [PAPER_NAMES.get(name, name), name]
         for d in datasets:
             ours = flops[name, d] / 1e6
-            paper = PAPER_TABLE4[name][DATASETS.index(d)] if name in PAPER_TABLE4 else None
+            paper = PAPER_TABLE4[name][COLUMNS.index(d)] if name in PAPER_TABLE4 else None
             row += [f'{ours:.1f}', _paper(paper, 1), _rel(ours, paper)]
         rows.append(row)
     return format_table(header, rows, markdown)
@@ -82,7 +73,7 @@ def params_table(params: Dict[Tuple[str, str], int], models: Sequence[str], data
     for name in models:
         row = [PAPER_NAMES.get(name, name), name]
         for d in datasets:
-            row += [f'{params[name, d] / 1e6:.3f}', _paper(PAPER_PARAMS.get(name, (None,) * 3)[DATASETS.index(d)], 2)]
+            row += [f'{params[name, d] / 1e6:.3f}', _paper(PAPER_PARAMS.get(name, (None,) * 3)[COLUMNS.index(d)], 2)]
         row += [f'{params[name, "bdd100k"] / 1e6:.3f}', _paper(PAPER_SEG_PARAMS.get(name), 2)]
         rows.append(row)
     return format_table(header, rows, markdown)

@@ -10,16 +10,10 @@ without their partner) are named one per line; all the others are converted and 
 Outputs are written atomically; a rerun converts only what is missing (--overwrite redoes it all).
 """
 import argparse
-import os
 import sys
 import time
 
-try:
-    import pide_zoo  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pide_zoo.data.bdd100k import LayoutError, convert_bdd100k
+from bdd100k_converter import LayoutError, convert_bdd100k  # beside this file: python puts its folder on the path
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ import torch
 from timm.utils import ParseKwargs
 
 from pide_zoo.analysis import nonlocal_spectra, plot_spectra
-from pide_zoo.data.classification import DATASETS
-from pide_zoo.training import load_model
+from pide_zoo.checkpoint import load_model
+from pide_zoo.cls import DATASETS
 
 
 def main(argv=None) -> dict:

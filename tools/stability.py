@@ -15,8 +15,8 @@ import os
 import torch
 
 from pide_zoo.analysis import feature_norms, perturbation_sensitivity, plot_feature_norms, plot_sensitivity
-from pide_zoo.data.classification import DATASETS, load_split, per_pixel_mean
-from pide_zoo.training import load_model, load_models
+from pide_zoo.checkpoint import load_model, load_models
+from pide_zoo.cls import DATASETS, load_split, per_pixel_mean
 
 
 def main(argv=None) -> dict:

@@ -1,7 +1,7 @@
 """Train a timm classifier (the paper's networks or any other) on CIFAR-10/100, STL-10 or scikit-learn's digits.
 
 Defaults are the recipe of Bohn, Griebel & Kannan (2021) with the authors' code filling its gaps (see
-:mod:`pide_zoo.training`); ``--config`` reads a YAML file of these options (``configs/cls/*.yaml``).
+:mod:`pide_zoo.cls`); ``--config`` reads a YAML file of these options (``configs/cls/*.yaml``).
 ``--dataset digits`` without ``--config`` uses the short CPU recipe of ``configs/cls/<model>_digits.yaml``.
 
     python tools/train_cls.py --model nl_hamiltonian74 --dataset cifar10 --data-dir data --output out/nl_c10
@@ -41,20 +41,19 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from pide_zoo.data.classification import DATASETS, DatasetCorruptError, DatasetNotFoundError, build_dataset
-from pide_zoo.training import (
+from pide_zoo.checkpoint import CheckpointError, ClsCheckpointSaver, checkpoint_meta, plain, read_checkpoint
+from pide_zoo.cls import (
+    DATASETS,
     PAPER_RECIPES,
     PAPER_SCHEDULE,
     WD_PARAMS,
-    CheckpointError,
-    ClsCheckpointSaver,
-    checkpoint_meta,
+    DatasetCorruptError,
+    DatasetNotFoundError,
+    build_dataset,
     classifier_kwargs,
     create_lr_scheduler,
     evaluate,
     keras_l2_to_weight_decay,
-    plain,
-    read_checkpoint,
     seed_epoch,
     train_one_epoch,
     weight_decay_param_groups,
@@ -84,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--download', action='store_true', help='download the dataset into --data-dir if missing')
     g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes (default: %(default)s)')
     g.add_argument('--pin-mem', action='store_true', help='pin loader memory (CUDA)')
-    g = p.add_argument_group('optimisation (defaults: the paper, see pide_zoo.training)')
+    g = p.add_argument_group('optimisation (defaults: the paper, see pide_zoo.cls)')
     g.add_argument('--epochs', type=int, default=PAPER_SCHEDULE['epochs'])
     g.add_argument('-b', '--batch-size', type=int, default=None,
                    help='per process; default 100 (STL-10: 50)')

@@ -1,7 +1,7 @@
 """Compatibility of mmengine checkpoints with ``torch.load(weights_only=True)`` (torch >= 2.6).
 
 Applied when :mod:`pide_zoo.seg` is imported (by configs through ``custom_imports``, by tools/train.py and
-tools/test.py, by :func:`pide_zoo.training.load_model` for segmentors), so ``import pide_zoo`` needs no mmengine.
+tools/test.py, by :func:`pide_zoo.checkpoint.load_model` for segmentors), so ``import pide_zoo`` needs no mmengine.
 
 mmengine writes its message hub (``HistoryBuffer`` of numpy arrays), numpy scalars and, through
 ``HistoryBuffer.__getstate__``, ``getattr`` calls into every checkpoint; torch's safe unpickler

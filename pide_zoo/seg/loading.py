@@ -1,4 +1,4 @@
-"""The segmentor branch of :func:`pide_zoo.training.load_model`: an mmseg config (and checkpoint) to a model."""
+"""The segmentor branch of :func:`pide_zoo.checkpoint.load_model`: an mmseg config (and checkpoint) to a model."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple

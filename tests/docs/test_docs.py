@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 README_LIMIT = 12 * 1024
 # Modules whose __all__ the API reference must cover, and the other documented modules that may hold the entry of a
 # re-exported name (pide_zoo.PIDEBlock is documented as pide_zoo.layers.PIDEBlock).
-API_MODULES = ('pide_zoo', 'pide_zoo.layers', 'pide_zoo.seg', 'pide_zoo.flops', 'pide_zoo.export',
-               'pide_zoo.analysis')
-DOCUMENTED = API_MODULES + ('pide_zoo.models', 'pide_zoo.training')
+API_MODULES = ('pide_zoo', 'pide_zoo.layers', 'pide_zoo.seg', 'pide_zoo.cls', 'pide_zoo.checkpoint', 'pide_zoo.flops',
+               'pide_zoo.export', 'pide_zoo.analysis')
+DOCUMENTED = API_MODULES + ('pide_zoo.models',)
 HELP_MARKER = re.compile(r'^<!--\s*help:\s*(?P<path>(?:tools|benchmarks)/[\w.-]+\.py)\s*-->[ \t]*$', re.MULTILINE)
 
 

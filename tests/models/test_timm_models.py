@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.fx
+from paper_tables import COLUMNS, PAPER_PARAMS  # tools/, the paper's Tables 1 and 2
 from torch import nn
 
 import pide_zoo
@@ -20,15 +21,6 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 OURS = ['hamiltonian74', 'nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac',
         'nl_hamiltonian74_log', 'nl_hamiltonian74_4stage', 'resnet44_cifar', 'preresnet20_cifar']
 NONLOCAL = ['nl_hamiltonian74', 'nl_hamiltonian74_frac', 'nl_hamiltonian74_invfrac', 'nl_hamiltonian74_log']
-
-# Tables 1 and 2 of the paper: parameters in millions for CIFAR-10, CIFAR-100, STL-10.
-PAPER_PARAMS = {
-    'resnet44_cifar': (0.66, 0.66, 0.66),
-    'preresnet20_cifar': (0.57, 0.59, 0.57),
-    'hamiltonian74': (0.50, 0.67, 0.50),
-    **{name: (0.56, 0.72, 0.55) for name in NONLOCAL},
-    'nl_hamiltonian74_4stage': (0.59, 0.76, 0.59),
-}
 
 
 def _count(model):
@@ -43,7 +35,7 @@ def test_models_registered():
 
 @pytest.mark.parametrize('name', PAPER_PARAMS)
 def test_parameter_counts_match_paper(name):
-    for tag, want in zip(('cifar10', 'cifar100', 'stl10'), PAPER_PARAMS[name]):
+    for tag, want in zip(COLUMNS, PAPER_PARAMS[name]):
         got = _count(timm.create_model(f'{name}.{tag}'))
         assert abs(got - want) <= 0.01, (name, tag, got, want)
 
@@ -251,9 +243,10 @@ _LOADED = ('import sys; print(sorted({m.split(".")[0] for m in sys.modules} & '
 
 
 def test_import_is_light():
-    """``import pide_zoo`` (and its training and export helpers) need torch and timm: no OpenMMLab package, no
-    fvcore, no matplotlib."""
-    out = _fresh_python('import pide_zoo, pide_zoo.training, pide_zoo.export; ' + _LOADED)
+    """``import pide_zoo`` (and its classification face, checkpoints and export) need torch and timm: no OpenMMLab
+    package, no fvcore, no matplotlib."""
+    out = _fresh_python('import pide_zoo, pide_zoo.cls, pide_zoo.checkpoint, pide_zoo.training, pide_zoo.export; '
+                        + _LOADED)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == '[]'
     assert pide_zoo.__version__ == '0.2.0'

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from bdd100k_converter import LayoutError, check_layout, prepare_bdd100k, subsample
 
 pytest.importorskip('mmseg', reason='the mmseg face needs the seg extra: pip install -e .[seg]')
 
@@ -18,11 +19,10 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import pide_zoo.seg  # noqa: E402, F401  (registers the modules)
-from pide_zoo.data.bdd100k import LayoutError, check_layout, prepare_bdd100k, subsample  # noqa: E402
+from pide_zoo.checkpoint import load_model  # noqa: E402
 from pide_zoo.layers import PIDEBlock  # noqa: E402
 from pide_zoo.models import _paper_norm  # noqa: E402
 from pide_zoo.seg.datasets import make_longrange_sample  # noqa: E402
-from pide_zoo.training import load_model  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
@@ -219,7 +219,7 @@ def test_load_model_reads_an_mmengine_checkpoint_safely_in_a_fresh_process(tmp_p
     hub = {'log_scalars': {'train/loss': HistoryBuffer([1.0, 0.5], [1, 1])}, 'runtime_info': {'iter': 1}}
     torch.save(dict(meta=dict(iter=1), state_dict=state, message_hub=hub), ckpt)
     # a fresh process that imports no pide_zoo.seg itself: load_model applies the weights-only allow-list
-    code = ('import sys; from pide_zoo.training import load_model; m, info = load_model(sys.argv[1], sys.argv[2]); '
+    code = ('import sys; from pide_zoo.checkpoint import load_model; m, info = load_model(sys.argv[1], sys.argv[2]); '
             'print(info["kind"], sum(float(v.double().sum()) for v in m.state_dict().values() '
             'if v.is_floating_point()))')
     out = subprocess.run([PY, '-c', code, ckpt, config], capture_output=True, text=True, cwd=ROOT,

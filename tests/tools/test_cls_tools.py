@@ -17,30 +17,24 @@ import torch
 from torch import nn
 
 import pide_zoo  # noqa: F401  (registers the models)
-from pide_zoo.data.classification import (
+from pide_zoo.checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_meta, load_model, read_checkpoint
+from pide_zoo.cls import (
     DATASETS,
+    PAPER_RECIPES,
     DatasetNotFoundError,
     PadCropFlip,
     build_dataset,
-    load_digits_split,
-    load_split,
-    per_pixel_mean,
-)
-from pide_zoo.layers import smoothness_penalty
-from pide_zoo.training import (
-    CHECKPOINT_FORMAT,
-    PAPER_RECIPES,
-    CheckpointError,
-    checkpoint_meta,
     classifier_kwargs,
     compute_loss,
     create_lr_scheduler,
     keras_l2_to_weight_decay,
-    load_model,
+    load_digits_split,
+    load_split,
     median_summary,
-    read_checkpoint,
+    per_pixel_mean,
     weight_decay_param_groups,
 )
+from pide_zoo.layers import smoothness_penalty
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PY = sys.executable
@@ -410,6 +404,24 @@ def test_deprecated_loaders_warn_and_match_load_model(tmp_path):
         assert export.load_classifier(None, path)[1:] == ((3, 32, 32), True)
     with pytest.warns(FutureWarning, match=r'model_name=\.\.\.\) is deprecated .* use load_model\(model=\.\.\.\)'):
         assert load_model(model_name='hamiltonian74', dataset='cifar100')[0].fc.out_features == 100
+
+
+def test_old_module_paths_forward_with_a_warning():
+    """pide_zoo.training and pide_zoo.data.classification forward each name to its new home until 0.4."""
+    from pide_zoo import checkpoint, cls
+    from pide_zoo.cls import data
+
+    out = subprocess.run([PY, '-W', 'error', '-c', 'import pide_zoo.training, pide_zoo.data.classification'],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]  # importing the old modules alone does not warn
+    for old, name, new in (('pide_zoo.training', 'train_one_epoch', cls),
+                           ('pide_zoo.training', 'load_model', checkpoint),
+                           ('pide_zoo.data.classification', 'build_dataset', data)):
+        match = rf'{old}\.{name} moved to {new.__name__}\.{name}; {old} will be removed in pide_zoo 0\.4'
+        with pytest.warns(FutureWarning, match=match):
+            assert getattr(importlib.import_module(old), name) is getattr(new, name)
+    with pytest.raises(AttributeError, match="'pide_zoo.training' has no attribute 'nothing'"):
+        _ = importlib.import_module('pide_zoo.training').nothing
 
 
 # --- end to end ----------------------------------------------------------------------------------------------

@@ -19,17 +19,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from bdd100k_converter import MEAN_IMAGE, ConversionError, convert_bdd100k, prepare_bdd100k
 from test_cls_tools import PY, ROOT, TINY
 
 import pide_zoo  # noqa: F401  (registers the models)
-from pide_zoo.data.bdd100k import (
-    MEAN_IMAGE,
-    ConversionError,
-    convert_bdd100k,
-    prepare_bdd100k,
-)
-from pide_zoo.data.classification import DatasetCorruptError, load_split
-from pide_zoo.training import CheckpointError, load_model, read_checkpoint
+from pide_zoo.checkpoint import CheckpointError, load_model, read_checkpoint
+from pide_zoo.cls import DatasetCorruptError, load_split
 
 IMG, ANN = osp.join('images', '10k'), osp.join('labels', 'sem_seg', 'masks')
 HW = (32, 48)  # source size: outputs are 4 x 6

@@ -10,9 +10,9 @@ import torch
 from test_cls_tools import _run, _tool
 
 import pide_zoo  # noqa: F401  (registers the models)
+from pide_zoo.checkpoint import CHECKPOINT_FORMAT, checkpoint_meta
 from pide_zoo.export import export_onnx, export_program, onnx_value_shapes
 from pide_zoo.layers import PAPER_WIDTHS, PIDEBlock
-from pide_zoo.training import CHECKPOINT_FORMAT, checkpoint_meta
 
 onnx = pytest.importorskip('onnx', reason='the export extra: pip install -e .[export]')
 ort = pytest.importorskip('onnxruntime', reason='the export extra: pip install -e .[export]')

@@ -1,5 +1,8 @@
 """BDD100K at the paper's resolution: 1280x720 -> 160x90 by keeping every second row and column, three times.
 
+The converter behind ``tools/prepare_bdd100k.py`` (a tools module, not part of the package: it was
+``pide_zoo.data.bdd100k`` before 0.3). Needs numpy, Pillow and tqdm.
+
 The authors keep the odd rows and columns each time (``img[1::2, 1::2]`` thrice = ``img[7::8, 7::8]``);
 labels are subsampled the same way, never interpolated.
 
