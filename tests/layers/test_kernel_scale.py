@@ -118,15 +118,15 @@ def _long_range_task(generator, batch):
     return x, y
 
 
-def long_range_accuracy(block: nn.Module, channels: int) -> float:
-    """Test accuracy after 60 Adam steps of 1x1 convolutions around ``block`` on the long-range task: only the block
-    can move the code across the image."""
+def long_range_accuracy(block: nn.Module, channels: int, steps: int = 60) -> float:
+    """Test accuracy after ``steps`` Adam steps of 1x1 convolutions around ``block`` on the long-range task: only the
+    block can move the code across the image."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(), block,
                           nn.Conv2d(channels, 2, 1))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
+    for _ in range(steps):
         x, y = _long_range_task(g, 16)
         loss = nn.functional.cross_entropy(model(x)[:, :, :, 7].mean(2), y)
         opt.zero_grad()

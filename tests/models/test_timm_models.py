@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import os
 import os.path as osp
@@ -378,3 +379,30 @@ def test_insert_pide_blocks_refuses_token_models_at_build_time(name, match):
 def test_insert_pide_blocks_refuses_features_only_models():
     with pytest.raises(ValueError, match='FeatureListNet is a features_only model'):
         insert_pide_blocks(timm.create_model('resnet18', features_only=True), operator='log')
+
+
+@pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'])
+def test_mixed_in_blocks_start_as_the_identity(operator):
+    """resnet50 with a PIDE attn_layer in every bottleneck, and PIDE blocks inserted after stages of resnet50,
+    seresnext26d, efficientnet_b0, mobilenetv3 and convnext: in inference mode right after construction every block
+    returns its input, so the network computes what it computed before (as with timm's NonLocalAttn)."""
+    seen = []
+
+    def identity(module, args, output):
+        seen.append(torch.equal(output, args[0]))
+
+    model = timm.create_model('resnet50', num_classes=3,
+                              block_args=dict(attn_layer=partial(PIDEBlock, operator=operator)))
+    for m in model.modules():
+        if isinstance(m, PIDEBlock):
+            m.register_forward_hook(identity)
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 64, 64))
+    assert len(seen) == 16 and all(seen)
+    for name in ('resnet50', 'seresnext26d_32x4d', 'efficientnet_b0', 'mobilenetv3_small_100', 'convnext_tiny'):
+        torch.manual_seed(0)
+        plain = timm.create_model(name, num_classes=3).eval()
+        mixed = insert_pide_blocks(copy.deepcopy(plain), indices=(-2, -1), operator=operator).eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(mixed(x), plain(x)), name

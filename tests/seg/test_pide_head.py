@@ -373,3 +373,27 @@ def test_in_channels_that_do_not_match_the_input_name_the_head_and_both_widths()
                                          r'channels: set decode_head.in_channels=32'):
         head([torch.rand(1, 32, 8, 8)])
     assert head([torch.rand(1, 64, 8, 8)]).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize('operator', ['diffusion', 'frac_laplacian', 'inv_frac_laplacian', 'log'])
+def test_head_neck_and_plugin_blocks_start_as_the_identity(operator):
+    """PIDEHead's block (as NLHead's NonLocal2d, whose output convolution starts at zero), PIDENeck's blocks and the
+    blocks of mmseg's ResNet plugins return their input in inference mode right after construction."""
+    init_default_scope('mmseg')
+    x = torch.randn(2, 8, 6, 10)
+    head = PIDEHead(in_channels=8, channels=8, num_classes=3, norm_cfg=dict(type='BN'),
+                    block_cfg=dict(operator=operator)).eval()
+    neck = MODELS.build(dict(type='PIDENeck', in_channels=[8, 8], block_cfg=dict(operator=operator))).eval()
+    resnet = MODELS.build(dict(type='ResNetV1c', depth=50, base_channels=8, stem_channels=8,
+                               plugins=[dict(cfg=dict(type='PIDEBlock', operator=operator), position='after_conv3',
+                                             stages=(False, False, True, True))]))
+    seen = []
+    for m in resnet.modules():
+        if isinstance(m, PIDEBlock):
+            m.register_forward_hook(lambda module, args, output: seen.append(torch.equal(output, args[0])))
+    with torch.no_grad():
+        assert torch.equal(head.pide_block(x), x)
+        assert all(torch.equal(a, b) for a, b in zip(neck([x, x + 1]), [x, x + 1]))
+        resnet.eval()  # mmseg's ResNet.train returns None
+        resnet(torch.randn(1, 3, 64, 64))
+    assert len(seen) == 6 + 3 and all(seen)

@@ -100,8 +100,8 @@ def test_pide_block_as_resnet_plugin_and_neck():
     feats = backbone(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == [128, 256]
     neck = MODELS.build(dict(type='PIDENeck', in_channels=[128, 256], indices=[1],
-                             block_cfg=dict(operator='inv_frac_laplacian', subsample=1)))
-    out = neck(feats)
+                             block_cfg=dict(operator='inv_frac_laplacian', subsample=1, ls_init_value=1.0)))
+    out = neck(feats)  # a block with a non-zero update scale changes its input (a fresh one: the identity)
     assert out[0] is feats[0] and out[1].shape == feats[1].shape and not torch.equal(out[1], feats[1])
     with pytest.raises(ValueError, match='indices must lie in'):
         MODELS.build(dict(type='PIDENeck', in_channels=[8], indices=[1]))
