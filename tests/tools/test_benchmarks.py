@@ -10,6 +10,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_heads  # noqa: E402
 import bench_init  # noqa: E402
+import bench_mixing  # noqa: E402
 import bench_network  # noqa: E402
 import bench_nonlocal  # noqa: E402
 import bench_reversible  # noqa: E402
@@ -161,7 +162,22 @@ def test_bench_init(tmp_path):
 
     forms = 2 if 'kernel_scale' in inspect.signature(PIDEBlock).parameters else 1
     rows = load(tmp_path / 'i.json', 2 * 2 * forms)  # operators x widths (16, 32) x forms
-    assert all(r['pre-BN std'] > 0 and r['grad K_1'] > 0 and 0 < r['‖B−X‖/‖X‖'] < 1 for r in rows)
+    # the mixing defaults start as the identity and learn after one step
+    assert all(r['pre-BN std'] > 0 and r['‖B−X‖/‖X‖ start'] == 0 and r['‖dL/dγ‖'] > 0 for r in rows)
+    assert all(r['grad K_1 after one step'] > 0 and 0 < r['‖B−X‖/‖X‖ after one step'] < 1 for r in rows)
+    bench_init.main(QUICK + ['--operators', 'log', '--widths-of', 'paper', '--out', str(tmp_path / 'p.json')])
+    rows = load(tmp_path / 'p.json', 2 * forms)
+    assert all(r['‖dL/dγ‖'] is None and r['grad K_1 step 0'] > 0 and r['‖B−X‖/‖X‖ step 0'] > 0 for r in rows)
+
+
+def test_bench_mixing_prints_the_cost_against_non_local_attn(tmp_path):
+    bench_mixing.main(QUICK + ['--operators', 'frac_laplacian', '--out', str(tmp_path / 'm.json')])
+    rows = load(tmp_path / 'm.json', 3 + 2 + 2 + 5)  # resnet50 x3, convnext x2, mobilenetv3 x2, paper networks
+    by = {(r['model'], r['variant']): r for r in rows}
+    pide, nl = by['resnet50', 'PIDEBlock frac_laplacian'], by['resnet50', 'NonLocalAttn']
+    assert pide['params'] <= nl['params'] and pide['params ratio'] <= 1 and pide['GFLOPs ratio'] <= 1.5
+    assert all(r['unsupported in PIDE'] == 'none' for r in rows)
+    assert by['nl_hamiltonian74.cifar10', 'paper widths']['params'] == 563_402  # Table 1's network, unchanged
 
 
 def test_bench_reversible_saves_less_for_the_backward(tmp_path):
