@@ -1,4 +1,5 @@
 import copy
+import importlib
 import importlib.util
 import os
 import os.path as osp
@@ -406,3 +407,35 @@ def test_mixed_in_blocks_start_as_the_identity(operator):
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(mixed(x), plain(x)), name
+
+
+def _docs_module(tmp_path, monkeypatch, name):
+    """The module the timm guide shows as ``name``, imported from a folder on sys.path as --device-modules does."""
+    text = open(osp.join(osp.dirname(__file__), '..', '..', 'docs', 'timm.md')).read()
+    code = text.split(f'<!-- {name} ')[1].split('```python\n')[1].split('```')[0]
+    (tmp_path / name).write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name[:-3], raising=False)
+    return importlib.import_module(name[:-3])
+
+
+def test_the_timm_guides_factories_build_as_timms_train_py_calls_them(tmp_path, monkeypatch):
+    """The guide's module registers mixed networks by name; built as timm's train.py builds a model (its
+    create_model keywords, --pretrained from a local file), they start as the pretrained network and every block
+    is there."""
+    if 'resnet50_pide_frac' not in timm.list_models():  # registered once per process
+        _docs_module(tmp_path, monkeypatch, 'my_pide_models.py')
+    train_py = dict(in_chans=3, num_classes=5, drop_rate=0.0, drop_path_rate=0.05, drop_block_rate=None,
+                    global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False, checkpoint_path='')
+    x = torch.randn(2, 3, 64, 64)
+    for name, base, blocks in (('resnet50_pide_frac', 'resnet50', 16), ('convnext_tiny_pide_log', 'convnext_tiny', 2)):
+        torch.manual_seed(0)
+        plain = timm.create_model(base, num_classes=5)
+        weights = tmp_path / f'{base}.pth'
+        torch.save(plain.state_dict(), weights)
+        overlay = dict(file=str(weights), num_classes=5)  # else timm drops the classifier it would not fit
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **train_py)
+        assert sum(isinstance(m, PIDEBlock) for m in model.modules()) == blocks
+        assert model.pretrained_cfg['input_size'] == plain.pretrained_cfg['input_size']
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
