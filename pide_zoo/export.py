@@ -147,7 +147,8 @@ def export_and_check(model: nn.Module, input_size: Tuple[int, int, int], output_
     """Write ``<name>.pt2`` and ``<name>.onnx`` to ``output_dir`` and compare both with eager on random images.
 
     Returns a report: file paths, export times, the ONNX input shape (symbolic where dynamic) and, per checked
-    input shape, the max abs difference of onnxruntime and of the exported program against eager.
+    input shape, the max abs difference of onnxruntime and of the exported program against eager, the output's
+    scale (max |eager output|) and each difference relative to it.
     """
     if any(not isinstance(b, int) or b < 1 for b in batch_sizes) or not batch_sizes:
         raise ValueError(f'batch_sizes must be positive ints, got {batch_sizes!r}')
@@ -180,6 +181,8 @@ def export_and_check(model: nn.Module, input_size: Tuple[int, int, int], output_
     loaded = torch.export.load(pt2).module()
     with torch.no_grad():
         pt2_diffs = [(loaded(x) - model(x)).abs().max().item() for x in inputs]
+        # the output's scale: what a difference means depends on it (logits of tens, updates of 1e-3)
+        scales = [model(x).abs().max().item() for x in inputs]
     graph_input = onnx.load(onnx_path, load_external_data=False).graph.input[0]
     dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
     # the largest tensor the ONNX graph forms for one image: memory at deployment, no N x M kernel
@@ -190,8 +193,9 @@ def export_and_check(model: nn.Module, input_size: Tuple[int, int, int], output_
         tiled_blocks=len(tiled),
         export_s=dict(pt2=round(t1 - t0, 1), onnx=round(t2 - t1, 1)),
         largest_value=dict(name=largest, shape=list(value_shapes[largest]), input_shape=list(inputs[0][:1].shape)),
-        checks=[dict(shape=list(s), onnx_max_abs_diff=d, pt2_max_abs_diff=p)
-                for s, d, p in zip(shapes, onnx_diffs, pt2_diffs)],
+        checks=[dict(shape=list(s), output_scale=m, onnx_max_abs_diff=d, pt2_max_abs_diff=p,
+                     onnx_rel_diff=d / m if m > 0 else d, pt2_rel_diff=p / m if m > 0 else p)
+                for s, d, p, m in zip(shapes, onnx_diffs, pt2_diffs, scales)],
     )
 
 

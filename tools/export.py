@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help="traced input size (default: the model's cfg, or the segmentor's data preprocessor)")
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 3], help='checked batch sizes (default: 1 3)')
-    p.add_argument('--atol', type=float, default=1e-4, help='largest allowed max abs difference (default: 1e-4)')
+    p.add_argument('--atol', type=float, default=1e-4, help='allowed max abs difference at an output scale of 0 '
+                   '(default: 1e-4)')
+    p.add_argument('--rtol', type=float, default=1e-5, help="allowed difference per unit of the output's scale, "
+                   'max |eager output|: a check passes when diff <= atol + rtol * scale (default: 1e-5)')
     p.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset, >= {MIN_OPSET} (default: %(default)s)')
     return p
 
@@ -58,8 +61,8 @@ def main(argv=None) -> int:
         parser.error(f'--opset must be >= {MIN_OPSET} (the dynamo exporter), got {args.opset}')
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f'--batch-sizes must be positive, got {args.batch_sizes}')
-    if args.atol < 0:
-        parser.error(f'--atol must be >= 0, got {args.atol}')
+    if args.atol < 0 or args.rtol < 0:
+        parser.error(f'--atol and --rtol must be >= 0, got {args.atol} and {args.rtol}')
     if args.input_size is not None and min(args.input_size) < 1:
         parser.error(f'--input-size must be positive, got {args.input_size}')
     segmentor = args.model.endswith('.py')
@@ -86,23 +89,29 @@ def main(argv=None) -> int:
           f'{size[1]}, {size[2]}) -> {output}', flush=True)
     report = export_and_check(model, size, output, name, fixed_spatial=fixed, batch_sizes=args.batch_sizes,
                               opset=args.opset)
-    report.update(model=args.model, checkpoint=args.checkpoint, atol=args.atol)
+    report.update(model=args.model, checkpoint=args.checkpoint, atol=args.atol, rtol=args.rtol)
     dynamic = 'batch' if report['fixed_spatial'] else 'batch and spatial size'
     print(f"  {report['onnx']} (opset {args.opset}, input {report['onnx_input_shape']}, dynamic {dynamic}, "
           f"{report['export_s']['onnx']} s) and {report['pt2']} ({report['export_s']['pt2']} s)")
     big = report['largest_value']
     print(f"  largest tensor in the ONNX graph for input {tuple(big['input_shape'])}: {tuple(big['shape'])}")
+    failed = []
     for c in report['checks']:
-        print(f"  input {tuple(c['shape'])}: max abs diff to eager: onnxruntime {c['onnx_max_abs_diff']:.3g}, "
-              f"torch.export program {c['pt2_max_abs_diff']:.3g}")
-    worst = max(max(c['onnx_max_abs_diff'], c['pt2_max_abs_diff']) for c in report['checks'])
-    report['passed'] = worst <= args.atol
+        print(f"  input {tuple(c['shape'])}, output scale {c['output_scale']:.3g}: max abs diff to eager: onnxruntime "
+              f"{c['onnx_max_abs_diff']:.3g} ({c['onnx_rel_diff']:.2g} of the scale), torch.export program "
+              f"{c['pt2_max_abs_diff']:.3g} ({c['pt2_rel_diff']:.2g})")
+        allowed = args.atol + args.rtol * c['output_scale']
+        failed += [f"{what} {c[f'{what}_max_abs_diff']:.3g} > {allowed:.3g} at input {tuple(c['shape'])}"
+                   for what in ('onnx', 'pt2') if c[f'{what}_max_abs_diff'] > allowed]
+    report['passed'] = not failed
     with open(osp.join(output, 'export.json'), 'w') as f:
         json.dump(report, f, indent=2)
-    if not report['passed']:
-        print(f'FAILED: max abs diff {worst:.3g} > --atol {args.atol}', file=sys.stderr)
+    if failed:
+        print(f'FAILED (atol {args.atol} + rtol {args.rtol} x output scale): ' + '; '.join(failed), file=sys.stderr)
         return 1
-    print(f'ok: max abs diff {worst:.3g} <= --atol {args.atol}; {osp.join(output, "export.json")}')
+    worst = max(max(c['onnx_rel_diff'], c['pt2_rel_diff']) for c in report['checks'])
+    print(f'ok: every difference <= atol {args.atol} + rtol {args.rtol} x output scale (largest relative '
+          f'{worst:.2g}); {osp.join(output, "export.json")}')
     return 0
 
 

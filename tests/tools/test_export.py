@@ -83,12 +83,14 @@ def test_classifier_export_matches_eager(name, kind, fixed, nm, tmp_path):
     out_dir = str(tmp_path / 'out')
     out = _run(['tools/export.py', name, '--checkpoint', ckpt, '--output', out_dir])
     log = out.stdout + out.stderr
-    assert re.search(r'input \(1, 3, 32, 32\): max abs diff to eager: onnxruntime \S+', log), log
+    assert re.search(r'input \(1, 3, 32, 32\), output scale \S+: max abs diff to eager: onnxruntime \S+ \(\S+ of '
+                     r'the scale\)', log), log
     report = json.loads(open(osp.join(out_dir, 'export.json')).read())
     assert report['passed'] and report['opset'] >= 18
     assert report['tiled_blocks'] == (3 if name == 'nl_hamiltonian74_frac' else 0)  # one per Unit
     assert [c['shape'][0] for c in report['checks']] == [1, 3]
     assert all(c['onnx_max_abs_diff'] <= ATOL and c['pt2_max_abs_diff'] <= ATOL for c in report['checks'])
+    assert all(c['onnx_rel_diff'] == c['onnx_max_abs_diff'] / c['output_scale'] > 0 for c in report['checks'])
 
     onnx_path = osp.join(out_dir, f'{name}.onnx')
     dims = _input_dims(onnx_path)
@@ -135,7 +137,7 @@ def test_segmentor_export_matches_eager(tmp_path):
     # config and checkpoint only: the input size comes from the mean image the checkpoint holds
     out = _run(['tools/export.py', cfg, '--checkpoint', ckpt, '--output', out_dir])
     log = out.stdout + out.stderr
-    assert 'input (batch, 3, 90, 160)' in log and 'ok: max abs diff' in log
+    assert 'input (batch, 3, 90, 160)' in log and 'ok: every difference <= atol' in log
     report = json.loads(open(osp.join(out_dir, 'export.json')).read())
     assert [c['shape'] for c in report['checks']] == [[1, 3, 90, 160], [3, 3, 90, 160]]
     assert all(c['onnx_max_abs_diff'] <= ATOL and c['pt2_max_abs_diff'] <= ATOL for c in report['checks'])
@@ -167,19 +169,28 @@ def test_export_tool_exit_status_and_errors(tmp_path, capsys, monkeypatch):
         export.main(['resnet44_cifar', '--checkpoint', str(tmp_path / 'h74.pth')])
     assert "holds 'hamiltonian74', not model 'resnet44_cifar'" in capsys.readouterr().err
 
-    # a difference above --atol: the report says so and the exit status is 1
+    # a difference above atol + rtol x the output's scale: the report says so and the exit status is 1
+    def check(shape, diff, scale):
+        return dict(shape=shape, output_scale=scale, onnx_max_abs_diff=diff, pt2_max_abs_diff=0.0,
+                    onnx_rel_diff=diff / scale, pt2_rel_diff=0.0)
+
     def fake_export(model, size, output, name, **kw):
         return dict(onnx='m.onnx', pt2='m.pt2', onnx_input_shape=['batch', 3, 32, 32], export_s=dict(onnx=0, pt2=0),
                     fixed_spatial=False,
                     largest_value=dict(shape=[1, 64, 8, 8], input_shape=[1, 3, 32, 32]),
-                    checks=[dict(shape=[1, 3, 32, 32], onnx_max_abs_diff=2e-6, pt2_max_abs_diff=0.0),
-                            dict(shape=[3, 3, 32, 32], onnx_max_abs_diff=3e-3, pt2_max_abs_diff=0.0)])
+                    checks=[check([1, 3, 32, 32], 2e-6, 1.0), check([3, 3, 32, 32], 3e-3, 100.0)])
 
     monkeypatch.setattr(export, 'export_and_check', fake_export)
-    assert export.main(['resnet44_cifar', '--output', str(tmp_path), '--atol', '1e-3']) == 1
-    assert 'FAILED: max abs diff 0.003 > --atol 0.001' in capsys.readouterr().err
+    assert export.main(['resnet44_cifar', '--output', str(tmp_path), '--atol', '1e-3', '--rtol', '1e-5']) == 1
+    err = capsys.readouterr().err
+    assert 'FAILED (atol 0.001 + rtol 1e-05 x output scale): onnx 0.003 > 0.002 at input (3, 3, 32, 32)' in err
     assert json.loads((tmp_path / 'export.json').read_text())['passed'] is False
-    assert export.main(['resnet44_cifar', '--output', str(tmp_path), '--atol', '1e-2']) == 0
+    # the same difference is 3e-5 of a scale of 100: within rtol 1e-4
+    assert export.main(['resnet44_cifar', '--output', str(tmp_path), '--atol', '1e-3', '--rtol', '1e-4']) == 0
+    assert 'largest relative 3e-05' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export.main(['resnet44_cifar', '--rtol', '-1'])
+    assert '--atol and --rtol must be >= 0' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('operator', ['frac_laplacian', 'inv_frac_laplacian', 'log'])
