@@ -51,41 +51,68 @@ def query_tile(batch: int, keys: int, tile_size: Optional[int] = None, device: U
     return max(1, tile)
 
 
-def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[tuple[Tensor, Tensor, Tensor]], rows: slice,
+class _Distances:
+    """What the tiles of one call share: the squared norms, the coincidence floor and the augmented factors
+    [theta; |theta|^2; 1] and [-2 phi; 1; |phi|^2], whose one product is the squared distance of every pair:
+    no broadcast copy of the norms feeds the GEMM and no pass over the tile adds them."""
+
+    def __init__(self, theta: Tensor, phi: Tensor):
+        self.tt, self.pp, self.floor = _distance_stats(theta, phi)
+        ones_q, ones_k = theta.new_ones(theta.shape[0], 1, theta.shape[2]), phi.new_ones(phi.shape[0], 1, phi.shape[2])
+        self.theta_aug = torch.cat((theta, self.tt.unsqueeze(1), ones_q), 1)
+        self.phi_aug = torch.cat((phi * -2.0, ones_k, self.pp.unsqueeze(1)), 1)
+        self._pp_bound: Optional[float] = None
+
+    def no_coincident_pair(self, d2: Tensor, rows: slice) -> bool:
+        """Whether a tile's smallest squared distance lies above the largest coincidence threshold of its rows:
+        then it holds no coincident pair and needs no mask (one reduction instead of four passes over it)."""
+        if not d2.numel():
+            return True
+        if self._pp_bound is None:
+            self._pp_bound = float(self.pp.amax()) * _eps(d2.dtype)
+        return float(d2.amin()) > float(self.floor[:, rows].amax()) + self._pp_bound
+
+
+def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distances], rows: slice,
           derivative: bool) -> tuple[Tensor, Optional[Tensor]]:
     """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1)."""
     if not derivative and is_compiling():
         return _tile_out_of_place(k, theta_t, phi, stats, rows), None
     if not k.distance:
         return k.pair(torch.bmm(theta_t.transpose(1, 2), phi), derivative)
-    tt, pp, floor = stats
-    # |theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j
-    d2 = torch.baddbmm(pp.unsqueeze(1), theta_t.transpose(1, 2), phi, alpha=-2).add_(tt[:, rows].unsqueeze(2))
+    # |theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j in one product
+    d2 = torch.bmm(stats.theta_aug[:, :, rows].transpose(1, 2), stats.phi_aug)
     if not k.singular:
         return k.pair(d2.clamp_min_(0.0), derivative)
+    if stats.no_coincident_pair(d2, rows):
+        return k.pair(d2, derivative)
     # Coincident pairs as in the dense path: they contribute nothing, and W is not evaluated at 0.
-    coincident = d2 <= torch.add(floor[:, rows].unsqueeze(2), pp.unsqueeze(1), alpha=_eps(d2.dtype))
+    coincident = d2 <= torch.add(stats.floor[:, rows].unsqueeze(2), stats.pp.unsqueeze(1), alpha=_eps(d2.dtype))
     w, wd = k.pair(d2.masked_fill_(coincident, 1.0), derivative)
     w.masked_fill_(coincident, 0.0)
     return w, (wd.masked_fill_(coincident, 0.0) if wd is not None else None)
 
 
-def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[tuple[Tensor, Tensor, Tensor]],
+def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distances],
                        rows: slice) -> Tensor:
     """W as :func:`_tile` forms it, without in-place operations: torch.export records the forward pass, and an
     exported program may run under autograd, which in-place updates of saved tensors would break."""
     if not k.distance:
         return k.value(torch.bmm(theta_t.transpose(1, 2), phi))
-    tt, pp, floor = stats
-    d2 = torch.baddbmm(pp.unsqueeze(1), theta_t.transpose(1, 2), phi, alpha=-2) + tt[:, rows].unsqueeze(2)
+    d2 = torch.bmm(stats.theta_aug[:, :, rows].transpose(1, 2), stats.phi_aug)
     if not k.singular:
         return k.value(d2.clamp_min(0.0))
-    coincident = d2 <= torch.add(floor[:, rows].unsqueeze(2), pp.unsqueeze(1), alpha=_eps(d2.dtype))
+    coincident = d2 <= torch.add(stats.floor[:, rows].unsqueeze(2), stats.pp.unsqueeze(1), alpha=_eps(d2.dtype))
     return k.value(d2.masked_fill(coincident, 1.0)).masked_fill(coincident, 0.0)
 
 
 def _eps(dtype: torch.dtype) -> float:
     return COINCIDENT_EPS * torch.finfo(dtype).eps
+
+
+def _with_ones(t: Tensor) -> Tensor:
+    """(B, D, L) -> (B, D + 1, L) with a last row of ones."""
+    return torch.cat((t, t.new_ones(t.shape[0], 1, t.shape[2])), 1)
 
 
 def _distance_stats(theta: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,16 +125,26 @@ def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, 
                    normalizer: Union[str, float], tile: int) -> tuple[Tensor, Optional[Tensor]]:
     """The aggregate (B, C, N) and the row sums r (B, N) where the operator or normalizer uses them."""
     b, _, n_query = theta.shape
-    stats = _distance_stats(theta, phi) if k.distance else None
+    stats = _Distances(theta, phi) if k.distance else None
     need_r = k.s2 != 0 or normalizer == 'rowsum'
     out = v_query.new_empty(v_query.shape)
     rowsum = theta.new_empty(b, n_query) if need_r else None
+    # A row of ones under the values: the aggregate's product yields the row sums too, no pass over the tile.
+    # Only for the difference forms' distance kernels, whose weights are positive: sums that may cancel (dot
+    # products, the log kernel) keep torch's more accurate reduction.
+    fold = need_r and k.distance and k.s2 != 0
+    values = _with_ones(v_key) if fold else v_key
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         w, _ = _tile(k, theta[:, :, rows], phi, stats, rows, derivative=False)
-        out[:, :, rows] = torch.bmm(v_key, w.transpose(1, 2))
-        if need_r:
-            rowsum[:, rows] = w.sum(2)  # no out=: an exported program may run with autograd
+        product = torch.bmm(values, w.transpose(1, 2))
+        if fold:
+            out[:, :, rows] = product[:, :-1]
+            rowsum[:, rows] = product[:, -1]  # no out=: an exported program may run with autograd
+        else:
+            out[:, :, rows] = product
+            if need_r:
+                rowsum[:, rows] = w.sum(2)
     a = k.a
     out.mul_(a * k.s1)
     if need_r:
@@ -161,16 +198,17 @@ def _fused_backward(ctx, grad) -> tuple:
     g_theta = g_phi = g_vk = None
     if not (need_kernel_grad or need_vk):
         return g_theta, g_phi, g_vq, g_vk, None, None, None
-    stats = _distance_stats(theta, phi) if k.distance else None
+    stats = _Distances(theta, phi) if k.distance else None
     if need_vk:
         g_vk = torch.zeros_like(v_key)
+    if k.distance and need_kernel_grad:
+        return _distance_backward(k, theta, phi, v_key, g_hat, q, stats, tile, need_theta, need_phi, g_vk, g_vq)
     if need_theta:
         g_theta = torch.empty_like(theta)
     if need_phi:
         g_phi = torch.zeros_like(phi)
-        col = phi.new_zeros(phi.shape[0], 1, m)  # sum_i S_ij
     # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
-    scale = k.a * k.b * (1.0 if q is not None else k.s1) * (2.0 if k.distance else 1.0)
+    scale = k.a * k.b * (1.0 if q is not None else k.s1)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
@@ -185,21 +223,45 @@ def _fused_backward(ctx, grad) -> tuple:
         if wd is not None:
             sg.mul_(wd)
         if need_theta:
-            if k.distance:  # theta_i sum_j S_ij - sum_j S_ij phi_j
-                g = torch.baddbmm(theta_t * sg.sum(2).unsqueeze(1), phi, sg.transpose(1, 2), alpha=-1)
-            else:
-                g = torch.bmm(phi, sg.transpose(1, 2))
-            g_theta[:, :, rows] = g.mul_(scale)
+            g_theta[:, :, rows] = torch.bmm(phi, sg.transpose(1, 2)).mul_(scale)
         if need_phi:
-            if k.distance:  # phi_j sum_i S_ij - sum_i S_ij theta_i
-                col.add_(sg.sum(1, keepdim=True))
-                g_phi.baddbmm_(theta_t, sg, alpha=-1)
-            else:
-                g_phi.baddbmm_(theta_t, sg)
+            g_phi.baddbmm_(theta_t, sg)
     if need_phi:
-        if k.distance:
-            g_phi.addcmul_(phi, col)
         g_phi.mul_(scale)
+    return g_theta, g_phi, g_vq, g_vk, None, None, None
+
+
+def _distance_backward(k: BoundKernel, theta: Tensor, phi: Tensor, v_key: Tensor, g_hat: Tensor,
+                       q: Optional[Tensor], stats: _Distances, tile: int, need_theta: bool, need_phi: bool,
+                       g_vk: Optional[Tensor], g_vq: Optional[Tensor]) -> tuple:
+    """The distance kernels' gradients, every per-pair sum inside a product: with x = |theta_i - phi_j|^2,
+    dtheta_i = 2 (theta_i sum_j S_ij - sum_j S_ij phi_j), where [-2 phi; 1] S^T gives both sums at once, and
+    dphi_j = 2 (phi_j sum_i S_ij - sum_i S_ij theta_i) from [theta; |theta|^2; 1] S; the kernel gradient
+    s1 g_hat_i . V_j + q_i is one product of [s1 g_hat; q] with [V; 1]."""
+    e, n_query = theta.shape[1], theta.shape[2]
+    if q is None:
+        g_rows, values, scale = g_hat, v_key, k.a * k.b * k.s1 * 2.0
+    else:
+        g_rows, values, scale = torch.cat((g_hat * k.s1, q.unsqueeze(1)), 1), _with_ones(v_key), k.a * k.b * 2.0
+    g_theta = torch.empty_like(theta) if need_theta else None
+    sums = phi.new_zeros(phi.shape[0], e + 2, phi.shape[2]) if need_phi else None  # [theta; |theta|^2; 1] S
+    phi_rows = stats.phi_aug[:, :e + 1]  # [-2 phi; 1]
+    for start in range(0, n_query, tile):
+        rows = slice(start, start + tile)
+        w, wd = _tile(k, theta[:, :, rows], phi, stats, rows, derivative=True)
+        if g_vk is not None:
+            g_vk.baddbmm_(g_hat[:, :, rows], w, alpha=k.a * k.s1)
+        sg = torch.bmm(g_rows[:, :, rows].transpose(1, 2), values)
+        if wd is not None:
+            sg.mul_(wd)
+        if need_theta:
+            p = torch.bmm(phi_rows, sg.transpose(1, 2))  # (B, E + 1, T): -2 sum_j S_ij phi_j, sum_j S_ij
+            g_theta[:, :, rows] = torch.addcmul(p[:, :e], theta[:, :, rows], p[:, e:], value=2.0).mul_(scale / 2)
+        if need_phi:
+            sums.baddbmm_(stats.theta_aug[:, :, rows], sg)
+    g_phi = None
+    if need_phi:
+        g_phi = torch.addcmul(sums[:, :e].neg_(), phi, sums[:, e + 1:]).mul_(scale)
     return g_theta, g_phi, g_vq, g_vk, None, None, None
 
 
