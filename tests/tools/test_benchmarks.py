@@ -14,6 +14,7 @@ import bench_mixing  # noqa: E402
 import bench_network  # noqa: E402
 import bench_nonlocal  # noqa: E402
 import bench_reversible  # noqa: E402
+import bench_roofline  # noqa: E402
 import bench_scaling  # noqa: E402
 import harness  # noqa: E402
 
@@ -168,6 +169,21 @@ def test_bench_init(tmp_path):
     bench_init.main(QUICK + ['--operators', 'log', '--widths-of', 'paper', '--out', str(tmp_path / 'p.json')])
     rows = load(tmp_path / 'p.json', 2 * forms)
     assert all(r['‖dL/dγ‖'] is None and r['grad K_1 step 0'] > 0 and r['‖B−X‖/‖X‖ step 0'] > 0 for r in rows)
+
+
+def test_bench_roofline_against_its_gemms_and_a_baseline_checkout(tmp_path):
+    """The fused path beside its own GEMMs and beside another checkout's ops package (here: this one's)."""
+    root = Path(__file__).resolve().parents[2]
+    bench_roofline.main(QUICK + ['--operators', 'frac_laplacian,log', '--baseline', str(root),
+                                 '--out', str(tmp_path / 'r.json')])
+    rows = load(tmp_path / 'r.json', 1 + 2 * 2)  # GEMMs, then fused and baseline per operator
+    gemm = rows[0]
+    assert gemm['variant'] == 'GEMMs' and gemm['rate / GEMMs'] == 1.0 and gemm['GFLOP/s'] > 0
+    fused = [r for r in rows if r['variant'] == 'fused']
+    assert len(fused) == 2 and all(0 < r['rate / GEMMs'] and r['non-GEMM share'] < 1 for r in fused)
+    assert all(r['speed-up vs baseline'] > 0 for r in fused)
+    with pytest.raises(SystemExit, match='no pide_zoo/layers/ops package'):
+        bench_roofline.main(QUICK + ['--baseline', str(tmp_path), '--out', str(tmp_path / 'x.json')])
 
 
 def test_bench_mixing_prints_the_cost_against_non_local_attn(tmp_path):
