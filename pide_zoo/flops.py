@@ -78,7 +78,7 @@ POINTWISE_OPS = (
 )
 # Ops that move, select, compare or create data, beyond those fvcore already ignores (relu, cat, view...).
 ZERO_COST_OPS = (
-    'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::empty_like', 'aten::lt', 'aten::le',
+    'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::new_ones', 'aten::empty_like', 'aten::lt', 'aten::le',
     'aten::ne', 'aten::sign', 'aten::clone', 'aten::alias', 'aten::expand_as', 'aten::reshape_as',
     'aten::masked_fill', 'aten::masked_fill_',
     'aten::pad', 'aten::ceil',  # TensorFlow-'same' padding (resnet44_cifar): a copy, and its size arithmetic

@@ -59,8 +59,9 @@ class PIDEHamiltonianNet(BaseModule):
         downsample: average-pool between Units (the paper's segmentation network does not).
         block_cfg: :class:`~pide_zoo.layers.PIDEBlock` arguments of the nonlocal blocks, e.g.
             ``dict(operator='frac_laplacian')``; None (the default) builds the purely local network.
-            Unset keys take the paper's segmentation values (``stages=2``, ``subsample=3``) and otherwise
-            the block's defaults (``operator='diffusion'``); every other key reaches the block unchanged.
+            Unset keys take the paper's segmentation values (``stages=2``, ``subsample=3``, the paper's widths
+            ``PAPER_WIDTHS``) and otherwise the block's defaults (``operator='diffusion'``); every other key reaches
+            the block unchanged.
         nonlocal_units: Units that get a nonlocal block (the paper: every Unit).
         nonlocal_after: position in each Unit, as the number of Hamiltonian blocks before it (the paper: 2).
         reversible: reversible back-propagation through the Hamiltonian blocks.

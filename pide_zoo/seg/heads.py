@@ -40,8 +40,11 @@ class PIDEHead(FCNHead):
     Args:
         block_cfg: :class:`PIDEBlock` arguments (``operator``, ``s``, ``stages``, ``h``, ``lam``, ``subsample``,
             ``kernel``, ``kernel_params``, ``normalizer``, ``method``, ``kernel_scale``, ...), e.g.
-            ``dict(operator='frac_laplacian', subsample=2)``; unset keys take the block's defaults (diffusion,
-            ``kernel_scale='width'``, keys pooled by 2), its norm and activation the head's ``norm_cfg``/``act_cfg``.
+            ``dict(operator='frac_laplacian', subsample=2)``; unset keys take the paper's widths (``PAPER_WIDTHS``:
+            embeddings at half the width, full-width values) with a zero-initialised update scale, so the fresh head
+            is NLHead's cost and starts with the identity in the block's place, and otherwise the block's defaults
+            (diffusion, ``kernel_scale='width'``, keys pooled by 2); its norm and activation the head's
+            ``norm_cfg``/``act_cfg``.
         **kwargs: :class:`~mmseg.models.decode_heads.FCNHead` arguments (``in_channels``, ``channels``,
             ``num_classes``, ``concat_input``, ``norm_cfg``, ``act_cfg``, ...; ``num_convs`` is 2). The block's
             arguments given here directly (``operator=...``, the spelling before 0.3) still work, with a

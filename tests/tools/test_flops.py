@@ -116,8 +116,10 @@ def test_fused_block_evaluates_the_kernel_per_stage(operator):
         fused = flop_analysis(block, (c, 8, 8), nonlocal_method='fused')
         assert fused.unsupported_ops() == {}
         by_op = fused.by_operator()
-        # per stage: squared distances |theta_i|^2 + |phi_j|^2 - 2 theta_i.phi_j, then sum_j w_ij V_j
-        assert by_op['baddbmm'] == s * e * n * m and by_op['bmm'] == s * c * n * m
+        # per stage: squared distances [theta; |theta|^2; 1] . [-2 phi; 1; |phi|^2] (E + 2 terms), then
+        # sum_j w_ij V_j, with a row of ones for the row sums where the operator's form needs them (frac)
+        rows = c + 1 if operator == 'frac_laplacian' else c
+        assert 'baddbmm' not in by_op and by_op['bmm'] == s * (e + 2) * n * m + s * rows * n * m
 
 
 @pytest.mark.parametrize('kwargs', [dict(operator='diffusion', kernel='embedded_gaussian'),

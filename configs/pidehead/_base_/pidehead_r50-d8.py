@@ -1,5 +1,5 @@
 # The decode head that replaces NLHead in mmseg's nonlocal_r50-d8 configs: the same width, dropout, norm
-# and loss, with a PIDE block (pide_zoo.layers.PIDEBlock, its defaults) where NLHead has its NonLocal2d.
+# and loss, with a PIDE block (the paper's widths, starting as the identity) where NLHead has its NonLocal2d.
 # Leaves use it as `decode_head=dict(_base_.pide_head, _delete_=True, block_cfg=dict(operator=...), num_classes=...)`.
 custom_imports = dict(imports=['pide_zoo.seg'], allow_failed_imports=False)
 pide_head = dict(

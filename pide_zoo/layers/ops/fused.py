@@ -68,6 +68,8 @@ class _Distances:
         then it holds no coincident pair and needs no mask (one reduction instead of four passes over it)."""
         if not d2.numel():
             return True
+        if torch.jit.is_tracing() or d2.device.type == 'meta':  # a traced branch would hold for every input
+            return False
         if self._pp_bound is None:
             self._pp_bound = float(self.pp.amax()) * _eps(d2.dtype)
         return float(d2.amin()) > float(self.floor[:, rows].amax()) + self._pp_bound
