@@ -4,9 +4,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Dict, Mapping
 
+from timm.layers import make_divisible
 from torch import nn
 
-__all__ = ['RECORDED', 'PAPER_WIDTHS', 'settings', 'record_settings', 'check_loaded']
+__all__ = ['RECORDED', 'PAPER_WIDTHS', 'reduced_width', 'settings', 'record_settings', 'check_loaded']
 
 # The settings a state dict records (besides the batch norm's eps and momentum).
 RECORDED = ('operator', 's', 'n', 'lam', 'kernel', 'kernel_params', 'kernel_scale', 'embed_scale', 'channels',
@@ -17,6 +18,12 @@ RECORDED = ('operator', 's', 'n', 'lam', 'kernel', 'kernel_params', 'kernel_scal
 PAPER_WIDTHS: Dict[str, Any] = dict(rd_ratio=0.5, rd_divisor=1, value_ratio=None, ls_init_value=None)
 
 _warned_forms: set = set()
+
+
+def reduced_width(channels: int, ratio: float, divisor: int) -> int:
+    """channels * ratio as a width: timm's make_divisible, or with divisor 1 the rounding of every release before
+    0.3 (the paper's C/2)."""
+    return max(1, int(round(channels * ratio))) if divisor == 1 else make_divisible(channels * ratio, divisor)
 
 
 def settings(block: nn.Module) -> Dict[str, Any]:
@@ -55,8 +62,9 @@ def check_widths(block: nn.Module, state_dict: Mapping[str, Any], prefix: str) -
     e, v, scale = saved
     rebuild = [f'rd_channels={e}', 'value_ratio=None' if v == block.channels else f'value_channels={v}',
                'ls_init_value=0.0' if scale else 'ls_init_value=None']
+    paper_e = reduced_width(block.channels, PAPER_WIDTHS['rd_ratio'], PAPER_WIDTHS['rd_divisor'])
     old = ' (the widths of every PIDEBlock before pide_zoo 0.3 and of the paper: **PAPER_WIDTHS)' if (
-        not scale and v == block.channels and e == max(1, int(round(block.channels * 0.5)))) else ''
+        not scale and v == block.channels and e == paper_e) else ''
     raise RuntimeError(
         f'{prefix[:-1] or "PIDEBlock"}: this state dict holds a block with {e} embedding channels, '
         f'{v} value channels and {"an" if scale else "no"} update scale, but this block has {ours[0]}, {ours[1]} '

@@ -11,7 +11,6 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import make_divisible
 from torch import Tensor, nn
 
 from ._block_state import (
@@ -20,6 +19,7 @@ from ._block_state import (
     _warned_forms,  # noqa: F401  (tests reset it)
     check_loaded,
     record_settings,
+    reduced_width,
     settings,
 )
 from .fast_paths import pointwise_conv
@@ -61,10 +61,10 @@ def _embed_width(channels: int, embed_ratio, rd_ratio, rd_channels, rd_divisor) 
     if embed_ratio is not None:
         warnings.warn('PIDEBlock: embed_ratio is deprecated and will be removed in pide_zoo 0.4; use rd_ratio '
                       '(with rd_divisor=1 for the same width)', FutureWarning, stacklevel=3)
-        return max(1, int(round(channels * _positive('embed_ratio', embed_ratio))))
+        return reduced_width(channels, _positive('embed_ratio', embed_ratio), 1)
     if rd_channels is not None:
         return _positive('rd_channels', rd_channels, int)
-    return _reduced(channels, _positive('rd_ratio', rd_ratio), _positive('rd_divisor', rd_divisor, int))
+    return reduced_width(channels, _positive('rd_ratio', rd_ratio), _positive('rd_divisor', rd_divisor, int))
 
 
 def _value_width(channels: int, value_ratio, value_channels, rd_divisor) -> int:
@@ -76,12 +76,7 @@ def _value_width(channels: int, value_ratio, value_channels, rd_divisor) -> int:
         return channels
     if not 0 < _positive('value_ratio', value_ratio) <= 1:
         raise ValueError(f'value_ratio must lie in (0, 1] (None: full width), got {value_ratio!r}')
-    return min(channels, _reduced(channels, value_ratio, rd_divisor))
-
-
-def _reduced(channels: int, ratio: float, divisor: int) -> int:
-    # rd_divisor=1 keeps the rounding of every release before 0.3 (the paper's C/2); else timm's make_divisible.
-    return max(1, int(round(channels * ratio))) if divisor == 1 else make_divisible(channels * ratio, divisor)
+    return min(channels, reduced_width(channels, value_ratio, rd_divisor))
 
 
 class PIDEBlock(nn.Module):

@@ -57,11 +57,18 @@ class _Distances:
     no broadcast copy of the norms feeds the GEMM and no pass over the tile adds them."""
 
     def __init__(self, theta: Tensor, phi: Tensor):
-        self.tt, self.pp, self.floor = _distance_stats(theta, phi)
-        ones_q, ones_k = theta.new_ones(theta.shape[0], 1, theta.shape[2]), phi.new_ones(phi.shape[0], 1, phi.shape[2])
-        self.theta_aug = torch.cat((theta, self.tt.unsqueeze(1), ones_q), 1)
-        self.phi_aug = torch.cat((phi * -2.0, ones_k, self.pp.unsqueeze(1)), 1)
+        tt, self.pp, self.floor = _distance_stats(theta, phi)
+        self.theta_aug = _with_ones(torch.cat((theta, tt.unsqueeze(1)), 1))
+        self.phi_aug = torch.cat((phi * -2.0, phi.new_ones(phi.shape[0], 1, phi.shape[2]), self.pp.unsqueeze(1)), 1)
         self._pp_bound: Optional[float] = None
+
+    def squared(self, rows: slice) -> Tensor:
+        """|theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j (B, T, M) of the queries ``rows``, in one product."""
+        return torch.bmm(self.theta_aug[:, :, rows].transpose(1, 2), self.phi_aug)
+
+    def coincident(self, d2: Tensor, rows: slice) -> Tensor:
+        """The pairs closer than the squared distance's rounding, as the dense path counts them."""
+        return d2 <= torch.add(self.floor[:, rows].unsqueeze(2), self.pp.unsqueeze(1), alpha=_eps(d2.dtype))
 
     def no_coincident_pair(self, d2: Tensor, rows: slice) -> bool:
         """Whether a tile's smallest squared distance lies above the largest coincidence threshold of its rows:
@@ -82,14 +89,13 @@ def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distanc
         return _tile_out_of_place(k, theta_t, phi, stats, rows), None
     if not k.distance:
         return k.pair(torch.bmm(theta_t.transpose(1, 2), phi), derivative)
-    # |theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j in one product
-    d2 = torch.bmm(stats.theta_aug[:, :, rows].transpose(1, 2), stats.phi_aug)
+    d2 = stats.squared(rows)
     if not k.singular:
         return k.pair(d2.clamp_min_(0.0), derivative)
     if stats.no_coincident_pair(d2, rows):
         return k.pair(d2, derivative)
     # Coincident pairs as in the dense path: they contribute nothing, and W is not evaluated at 0.
-    coincident = d2 <= torch.add(stats.floor[:, rows].unsqueeze(2), stats.pp.unsqueeze(1), alpha=_eps(d2.dtype))
+    coincident = stats.coincident(d2, rows)
     w, wd = k.pair(d2.masked_fill_(coincident, 1.0), derivative)
     w.masked_fill_(coincident, 0.0)
     return w, (wd.masked_fill_(coincident, 0.0) if wd is not None else None)
@@ -101,10 +107,10 @@ def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Opti
     exported program may run under autograd, which in-place updates of saved tensors would break."""
     if not k.distance:
         return k.value(torch.bmm(theta_t.transpose(1, 2), phi))
-    d2 = torch.bmm(stats.theta_aug[:, :, rows].transpose(1, 2), stats.phi_aug)
+    d2 = stats.squared(rows)
     if not k.singular:
         return k.value(d2.clamp_min(0.0))
-    coincident = d2 <= torch.add(stats.floor[:, rows].unsqueeze(2), stats.pp.unsqueeze(1), alpha=_eps(d2.dtype))
+    coincident = stats.coincident(d2, rows)
     return k.value(d2.masked_fill(coincident, 1.0)).masked_fill(coincident, 0.0)
 
 
