@@ -2,24 +2,9 @@
 
 The names here forward there with a FutureWarning and will be removed in pide_zoo 0.4.
 """
-import warnings
+from .._moved import forward_moved
 
-_MOVED = (
+__getattr__, __dir__ = forward_moved(__name__, dict.fromkeys((
     'DATASETS', 'SPLITS', 'DatasetInfo', 'DatasetNotFoundError', 'DatasetCorruptError', 'ClassificationDataset',
     'PadCropFlip', 'dataset_info', 'load_split', 'load_digits_split', 'per_pixel_mean', 'build_dataset',
-    'missing_message',
-)
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    warnings.warn(f'pide_zoo.data.classification.{name} moved to pide_zoo.cls.data.{name}; '
-                  'pide_zoo.data.classification will be removed in pide_zoo 0.4', FutureWarning, stacklevel=2)
-    from ..cls import data
-
-    return getattr(data, name)
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_MOVED))
+    'missing_message'), 'pide_zoo.cls.data'), '0.4')
