@@ -44,19 +44,19 @@ Bound = Tuple[float, float, Callable, Callable]
 def _bind_diffusion(s: Optional[float], n: int, lam: float, kernel: str, embed_scale: float) -> Bound:
     lam = lam / embed_scale ** 2
     if kernel == 'embedded_gaussian':  # W = exp(lam x), dW/dx = lam W
-        def pair(x, derivative):
+        def pair(x, derivative, out=None):
             w = x.mul_(lam).exp_()
             return w, (w if derivative else None)
         return 1.0, lam, pair, lambda x: torch.exp(lam * x)
-    return lam, 1.0, lambda x, derivative: (x, None), lambda x: x  # W = x, dW/dx = 1
+    return lam, 1.0, lambda x, derivative, out=None: (x, None), lambda x: x  # W = x, dW/dx = 1
 
 
 def _bind_power(constant: Callable[[float, int], float], sign: int):
     def bind(s, n, lam, kernel, embed_scale) -> Bound:
         power = n + sign * 2 * s
 
-        def pair(x, derivative):
-            inv = x.reciprocal() if derivative else None  # 1/x, before x is overwritten
+        def pair(x, derivative, out=None):
+            inv = torch.reciprocal(x, out=out) if derivative else None  # 1/x, before x is overwritten
             w = inverse_power(x, power, inplace=True)
             return w, (inv.mul_(w) if derivative else None)  # d/dx x^(-p/2) = -(p/2) x^(-p/2) / x
         return lam * constant(s, n) * embed_scale ** power, -power / 2, pair, lambda x: inverse_power(x, power)
@@ -66,8 +66,8 @@ def _bind_power(constant: Callable[[float, int], float], sign: int):
 def _bind_log(s, n, lam, kernel, embed_scale) -> Bound:
     shift = EULER_GAMMA - 2 * math.log(embed_scale)  # exact for embed_scale 1, as every fold here
 
-    def pair(x, derivative):
-        inv = x.reciprocal() if derivative else None
+    def pair(x, derivative, out=None):
+        inv = torch.reciprocal(x, out=out) if derivative else None
         return x.log_().neg_().sub_(shift), inv  # -2 log|d| - gamma = -log x - gamma; d/dx = -1/x
     return lam * _log_constant(s, n), -1.0, pair, lambda x: x.log().neg().sub(shift)
 

@@ -10,13 +10,14 @@ The automatic tile size is measured in benchmarks/bench_nonlocal.py (docs: bench
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dense import COINCIDENT_EPS, ROWSUM_EPS, guarded_rowsum, normalize
+from .dense import COINCIDENT_EPS, ROWSUM_EPS, guarded_rowsum
 from .precision import autocast_off, compute_dtype, ieee_fp32_matmul, is_compiling
 from .table import BoundKernel
 
@@ -51,20 +52,52 @@ def query_tile(batch: int, keys: int, tile_size: Optional[int] = None, device: U
     return max(1, tile)
 
 
+class _Workspace:
+    """Flat buffers that every tile of one call reuses: allocating a fresh tile-sized tensor (its pages faulted in
+    anew) costs more than a pass over it. None where a program is being traced, which must not record out=."""
+
+    def __init__(self, like: Tensor):
+        self.like, self.buffers = like, {}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = self.like.new_empty(n)
+        return buf[:n].view(shape)
+
+
+def _workspace(like: Tensor) -> Optional[_Workspace]:
+    return None if is_compiling() else _Workspace(like)
+
+
+def _product(a: Tensor, b: Tensor, ws: Optional[_Workspace], name: str) -> Tensor:
+    """bmm(a, b), into the workspace buffer ``name`` where there is one."""
+    if ws is None:
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out=ws.get(name, a.shape[0], a.shape[1], b.shape[2]))
+
+
 class _Distances:
     """What the tiles of one call share: the squared norms, the coincidence floor and the augmented factors
     [theta; |theta|^2; 1] and [-2 phi; 1; |phi|^2], whose one product is the squared distance of every pair:
     no broadcast copy of the norms feeds the GEMM and no pass over the tile adds them."""
 
     def __init__(self, theta: Tensor, phi: Tensor):
-        tt, self.pp, self.floor = _distance_stats(theta, phi)
-        self.theta_aug = _with_ones(torch.cat((theta, tt.unsqueeze(1)), 1))
+        b, e, n = theta.shape
+        self.theta_aug = theta.new_empty(b, e + 2, n)  # filled in place: no intermediate copies of theta
+        self.theta_aug[:, :e] = theta
+        torch.sum(theta.pow(2), 1, out=self.theta_aug[:, e])
+        self.theta_aug[:, e + 1] = 1.0
+        tt = self.theta_aug[:, e]
+        self.pp = phi.pow(2).sum(1)
+        self.floor = tt * _eps(tt.dtype) + torch.finfo(tt.dtype).tiny
         self.phi_aug = torch.cat((phi * -2.0, phi.new_ones(phi.shape[0], 1, phi.shape[2]), self.pp.unsqueeze(1)), 1)
         self._pp_bound: Optional[float] = None
 
-    def squared(self, rows: slice) -> Tensor:
+    def squared(self, rows: slice, ws: Optional[_Workspace] = None) -> Tensor:
         """|theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j (B, T, M) of the queries ``rows``, in one product."""
-        return torch.bmm(self.theta_aug[:, :, rows].transpose(1, 2), self.phi_aug)
+        return _product(self.theta_aug[:, :, rows].transpose(1, 2), self.phi_aug, ws, 'x')
 
     def coincident(self, d2: Tensor, rows: slice) -> Tensor:
         """The pairs closer than the squared distance's rounding, as the dense path counts them."""
@@ -83,20 +116,22 @@ class _Distances:
 
 
 def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distances], rows: slice,
-          derivative: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1)."""
+          derivative: bool, ws: Optional[_Workspace] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1); in the workspace's
+    buffers 'x' and 'wd' where there is one."""
     if not derivative and is_compiling():
         return _tile_out_of_place(k, theta_t, phi, stats, rows), None
+    wd_out = ws.get('wd', theta_t.shape[0], theta_t.shape[2], phi.shape[2]) if ws is not None and derivative else None
     if not k.distance:
-        return k.pair(torch.bmm(theta_t.transpose(1, 2), phi), derivative)
-    d2 = stats.squared(rows)
+        return k.pair(_product(theta_t.transpose(1, 2), phi, ws, 'x'), derivative, wd_out)
+    d2 = stats.squared(rows, ws)
     if not k.singular:
-        return k.pair(d2.clamp_min_(0.0), derivative)
+        return k.pair(d2.clamp_min_(0.0), derivative, wd_out)
     if stats.no_coincident_pair(d2, rows):
-        return k.pair(d2, derivative)
+        return k.pair(d2, derivative, wd_out)
     # Coincident pairs as in the dense path: they contribute nothing, and W is not evaluated at 0.
     coincident = stats.coincident(d2, rows)
-    w, wd = k.pair(d2.masked_fill_(coincident, 1.0), derivative)
+    w, wd = k.pair(d2.masked_fill_(coincident, 1.0), derivative, wd_out)
     w.masked_fill_(coincident, 0.0)
     return w, (wd.masked_fill_(coincident, 0.0) if wd is not None else None)
 
@@ -123,10 +158,11 @@ def _with_ones(t: Tensor) -> Tensor:
     return torch.cat((t, t.new_ones(t.shape[0], 1, t.shape[2])), 1)
 
 
-def _distance_stats(theta: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """|theta_i|^2 (B, N), |phi_j|^2 (B, M) and the coincidence floor eps |theta_i|^2 + tiny (B, N)."""
-    tt, pp = theta.pow(2).sum(1), phi.pow(2).sum(1)
-    return tt, pp, tt * _eps(tt.dtype) + torch.finfo(tt.dtype).tiny
+def _sigma(normalizer: Union[str, float], m: int, n_query: int) -> float:
+    """sigma of the fixed normalizers; 1 for 'rowsum', whose D_i is applied apart."""
+    if normalizer == 'rowsum':
+        return 1.0
+    return 1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer)
 
 
 def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor,
@@ -142,10 +178,11 @@ def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, 
     # products, the log kernel) keep torch's more accurate reduction.
     fold = need_r and k.distance and k.s2 != 0
     values = _with_ones(v_key) if fold else v_key
+    ws = _workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
-        w, _ = _tile(k, theta[:, :, rows], phi, stats, rows, derivative=False)
-        product = torch.bmm(values, w.transpose(1, 2))
+        w, _ = _tile(k, theta[:, :, rows], phi, stats, rows, False, ws)
+        product = _product(values, w.transpose(1, 2), ws, 'p')
         if fold:
             out[:, :, rows] = product[:, :-1]
             rowsum[:, rows] = product[:, -1]  # no out=: an exported program may run with autograd
@@ -153,13 +190,15 @@ def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, 
             out[:, :, rows] = product
             if need_r:
                 rowsum[:, rows] = w.sum(2)
-    a = k.a
-    out.mul_(a * k.s1)
+    a, sigma = k.a, _sigma(normalizer, phi.shape[2], n_query)
+    out.mul_(a * k.s1 * sigma)
     if need_r:
         rowsum.mul_(a)
         if k.s2:
-            out.addcmul_(v_query, rowsum.unsqueeze(1), value=k.s2)
-    return normalize(out, rowsum, normalizer, phi.shape[2], n_query), rowsum
+            out.addcmul_(v_query, rowsum.unsqueeze(1), value=k.s2 * sigma)
+    if normalizer == 'rowsum':
+        out.div_(guarded_rowsum(rowsum).unsqueeze(1))
+    return out, rowsum
 
 
 class _FusedAggregate(torch.autograd.Function):
@@ -190,14 +229,18 @@ def _fused_backward(ctx, grad) -> tuple:
     theta, phi, v_query, v_key, rowsum, out = ctx.saved_tensors
     k, normalizer, tile = ctx.k, ctx.normalizer, ctx.tile
     need_theta, need_phi, need_vq, need_vk = ctx.needs_input_grad[:4]
-    m, n_query = phi.shape[2], theta.shape[2]
+    (b, c, n_query), m = grad.shape, phi.shape[2]
     q = None  # dL/dr_i
+    # The distance kernels' gradient takes g_hat and q from one product: [g_hat; s1 q] in one buffer.
+    fold = k.distance and (need_theta or need_phi) and (normalizer == 'rowsum' or k.s2 != 0)
+    g_rows = grad.new_empty(b, c + 1, n_query) if fold else None
+    g_hat = g_rows[:, :c] if fold else None
     if normalizer == 'rowsum':
         denom = guarded_rowsum(rowsum)
-        g_hat = grad / denom.unsqueeze(1)
+        g_hat = torch.div(grad, denom.unsqueeze(1), out=g_hat)
         q = (grad * out).sum(1).div_(denom).mul_(rowsum.abs() >= ROWSUM_EPS).neg_()
     else:
-        g_hat = grad * (1.0 / (m if normalizer == 'key' else n_query if normalizer == 'query' else normalizer))
+        g_hat = torch.mul(grad, _sigma(normalizer, m, n_query), out=g_hat)
     if k.s2:
         qv = (g_hat * v_query).sum(1).mul_(k.s2)
         q = qv if q is None else q.add_(qv)
@@ -210,22 +253,24 @@ def _fused_backward(ctx, grad) -> tuple:
     if need_vk:
         g_vk = torch.zeros_like(v_key)
     if k.distance and need_kernel_grad:
-        return _distance_backward(k, theta, phi, v_key, g_hat, q, stats, tile, need_theta, need_phi, g_vk, g_vq)
+        return _distance_backward(k, theta, phi, v_key, g_hat, q, g_rows, stats, tile, need_theta, need_phi, g_vk,
+                                  g_vq)
     if need_theta:
         g_theta = torch.empty_like(theta)
     if need_phi:
         g_phi = torch.zeros_like(phi)
     # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
     scale = k.a * k.b * (1.0 if q is not None else k.s1)
+    ws = _workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
-        w, wd = _tile(k, theta_t, phi, stats, rows, derivative=need_kernel_grad)
+        w, wd = _tile(k, theta_t, phi, stats, rows, need_kernel_grad, ws)
         if need_vk:
             g_vk.baddbmm_(g_t, w, alpha=k.a * k.s1)
         if not need_kernel_grad:
             continue
-        sg = torch.bmm(g_t.transpose(1, 2), v_key)
+        sg = _product(g_t.transpose(1, 2), v_key, ws, 'sg')
         if q is not None:
             sg.mul_(k.s1).add_(q[:, rows].unsqueeze(2))
         if wd is not None:
@@ -240,26 +285,30 @@ def _fused_backward(ctx, grad) -> tuple:
 
 
 def _distance_backward(k: BoundKernel, theta: Tensor, phi: Tensor, v_key: Tensor, g_hat: Tensor,
-                       q: Optional[Tensor], stats: _Distances, tile: int, need_theta: bool, need_phi: bool,
-                       g_vk: Optional[Tensor], g_vq: Optional[Tensor]) -> tuple:
+                       q: Optional[Tensor], g_rows: Optional[Tensor], stats: _Distances, tile: int, need_theta: bool,
+                       need_phi: bool, g_vk: Optional[Tensor], g_vq: Optional[Tensor]) -> tuple:
     """The distance kernels' gradients, every per-pair sum inside a product: with x = |theta_i - phi_j|^2,
     dtheta_i = 2 (theta_i sum_j S_ij - sum_j S_ij phi_j), where [-2 phi; 1] S^T gives both sums at once, and
     dphi_j = 2 (phi_j sum_i S_ij - sum_i S_ij theta_i) from [theta; |theta|^2; 1] S; the kernel gradient
     s1 g_hat_i . V_j + q_i is one product of [s1 g_hat; q] with [V; 1]."""
     e, n_query = theta.shape[1], theta.shape[2]
+    # With s1 = +-1, s1 g_hat . V + q = s1 (g_hat . V + s1 q): s1 goes into the scale.
+    scale, values = k.a * k.b * k.s1 * 2.0, v_key
     if q is None:
-        g_rows, values, scale = g_hat, v_key, k.a * k.b * k.s1 * 2.0
+        g_rows = g_hat
     else:
-        g_rows, values, scale = torch.cat((g_hat * k.s1, q.unsqueeze(1)), 1), _with_ones(v_key), k.a * k.b * 2.0
+        torch.mul(q, k.s1, out=g_rows[:, -1])
+        values = _with_ones(v_key)
     g_theta = torch.empty_like(theta) if need_theta else None
     sums = phi.new_zeros(phi.shape[0], e + 2, phi.shape[2]) if need_phi else None  # [theta; |theta|^2; 1] S
     phi_rows = stats.phi_aug[:, :e + 1]  # [-2 phi; 1]
+    ws = _workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
-        w, wd = _tile(k, theta[:, :, rows], phi, stats, rows, derivative=True)
+        w, wd = _tile(k, theta[:, :, rows], phi, stats, rows, True, ws)
         if g_vk is not None:
             g_vk.baddbmm_(g_hat[:, :, rows], w, alpha=k.a * k.s1)
-        sg = torch.bmm(g_rows[:, :, rows].transpose(1, 2), values)
+        sg = _product(g_rows[:, :, rows].transpose(1, 2), values, ws, 'sg')
         if wd is not None:
             sg.mul_(wd)
         if need_theta:

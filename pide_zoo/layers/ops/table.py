@@ -116,7 +116,8 @@ class Operator:
 class BoundKernel:
     """An operator with its arguments bound, as the three evaluation paths use it: w = a W(x), dw/dx = a b Wd(x).
 
-    ``pair(x, derivative)`` gives W and Wd on a fresh buffer x that it may overwrite (the fused tiles);
+    ``pair(x, derivative, out=None)`` gives W and Wd on a fresh buffer x that it may overwrite (the fused tiles),
+    Wd in ``out`` where given and used;
     ``value(x)`` gives W out of place, for autograd (the dense path). ``s1``, ``s2`` are the form's signs.
     """
 
@@ -137,7 +138,7 @@ class BoundKernel:
         def scaled(x: Tensor) -> Tensor:
             return x if inv == 1.0 else x * inv
 
-        def pair(x: Tensor, derivative: bool):
+        def pair(x: Tensor, derivative: bool, out: Optional[Tensor] = None):
             xs = scaled(x)
             w = op.weight(xs, **self.params)
             return w, (op.derivative(xs, **self.params) if derivative else None)
