@@ -25,6 +25,7 @@ from ._block_state import (
 from .fast_paths import pointwise_conv
 from .ops import (
     bind_kernel,
+    check_compile_tiles,
     check_normalizer,
     check_tile_size,
     embed_scale_for,
@@ -134,6 +135,8 @@ class PIDEBlock(nn.Module):
         value_channels: that width itself (overrides ``value_ratio``; ``channels``: full width).
         ls_init_value: initial value of the per-channel update scale gamma (default 0: the block starts as the
             identity); None: no scale (the paper's form).
+        compile_tiles: the fused path's tiles of a distance kernel with their elementwise work under
+            ``torch.compile`` (opt-in; see :func:`nonlocal_aggregate`).
         in_channels: alias of ``channels`` for mmcv's plugin builder.
     """
 
@@ -168,6 +171,7 @@ class PIDEBlock(nn.Module):
             value_ratio: Optional[float] = 1 / 16,
             value_channels: Optional[int] = None,
             ls_init_value: Optional[float] = 0.0,
+            compile_tiles: bool = False,
             in_channels: Optional[int] = None,
             device=None,
             dtype=None,
@@ -189,6 +193,7 @@ class PIDEBlock(nn.Module):
         self.normalizer = check_normalizer(normalizer)
         self.method = resolve_method(method, self.operator, self.kernel)
         self.tile_size = check_tile_size(tile_size)
+        self.compile_tiles = check_compile_tiles(compile_tiles, self.method, bound.distance)
         self.embed_channels = _embed_width(self.channels, embed_ratio, rd_ratio, rd_channels, rd_divisor)
         self.value_channels = _value_width(self.channels, value_ratio, value_channels, rd_divisor)
         self.kernel_scale = kernel_scale
@@ -258,7 +263,7 @@ class PIDEBlock(nn.Module):
             v = out if self.value_proj is None else pointwise_conv(out, self.value_proj.weight, None)
             agg = nonlocal_aggregate(theta, phi, v.flatten(2), self._pool(v).flatten(2), **kw,
                                      normalizer=self.normalizer, method=self.method, tile_size=self.tile_size,
-                                     kernel_matrix=kern, rowsum=rowsum)
+                                     kernel_matrix=kern, rowsum=rowsum, compile_tiles=self.compile_tiles)
             update = self.act(norm(pointwise_conv(agg.view_as(v), conv.weight, conv.bias)))
             if self.gamma is not None and k == self.stages - 1:
                 update = update * self.gamma.view(1, -1, 1, 1)

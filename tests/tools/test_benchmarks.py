@@ -176,11 +176,14 @@ def test_bench_roofline_against_its_gemms_and_a_baseline_checkout(tmp_path):
     root = Path(__file__).resolve().parents[2]
     bench_roofline.main(QUICK + ['--operators', 'frac_laplacian,log', '--baseline', str(root),
                                  '--out', str(tmp_path / 'r.json')])
-    rows = load(tmp_path / 'r.json', 1 + 2 * 2)  # GEMMs, then fused and baseline per operator
-    gemm = rows[0]
+    rows = load(tmp_path / 'r.json', 2 + 2 * 2)  # the two GEMM references, then fused and baseline per operator
+    gemm, reused = rows[:2]
     assert gemm['variant'] == 'GEMMs' and gemm['rate / GEMMs'] == 1.0 and gemm['GFLOP/s'] > 0
+    assert reused['variant'] == 'GEMMs, outputs reused' and reused['rate / GEMMs reused'] == 1.0
+    assert gemm['rate / GEMMs reused'] > 0 and reused['rate / GEMMs'] > 0
     fused = [r for r in rows if r['variant'] == 'fused']
-    assert len(fused) == 2 and all(0 < r['rate / GEMMs'] and r['non-GEMM share'] < 1 for r in fused)
+    assert len(fused) == 2 and all(0 < r['rate / GEMMs'] and 0 < r['rate / GEMMs reused'] and r['non-GEMM share'] < 1
+                                   for r in fused)
     assert all(r['speed-up vs baseline'] > 0 for r in fused)
     with pytest.raises(SystemExit, match='no pide_zoo/layers/ops package'):
         bench_roofline.main(QUICK + ['--baseline', str(tmp_path), '--out', str(tmp_path / 'x.json')])

@@ -9,11 +9,13 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from torch import Tensor
 
 from .dense import dense_aggregate, dense_kernel
-from .fused import check_tile_size, fused_aggregate, query_tile
+from .fused import fused_aggregate
 from .lowrank import lowrank_diffusion
 from .table import BoundKernel, get_operator, resolve_kernel
+from .tiles import check_tile_size, query_tile
 
-__all__ = ['NORMALIZERS', 'METHODS', 'METHOD_ALIASES', 'KERNEL_SCALES', 'bind_kernel', 'check_kernel_args',
+__all__ = ['NORMALIZERS', 'METHODS', 'METHOD_ALIASES', 'KERNEL_SCALES', 'bind_kernel', 'check_compile_tiles',
+           'check_kernel_args',
            'check_normalizer', 'resolve_method', 'default_s', 'check_s', 'pide_constant', 'width_scale',
            'embed_scale_for', 'pide_kernel', 'nonlocal_aggregate']
 
@@ -181,6 +183,18 @@ def pide_kernel(theta: Tensor, phi: Tensor, *, operator: str, s: Optional[float]
     return dense_kernel(bind_kernel(operator, s, n, lam, kernel, embed_scale, kernel_params), theta, phi)
 
 
+def check_compile_tiles(compile_tiles: bool, method: str, distance: bool, dense_given: bool = False) -> bool:
+    """``compile_tiles`` is a bool, and True only where it applies: the fused path of a distance kernel."""
+    if not isinstance(compile_tiles, bool):
+        raise ValueError(f'compile_tiles must be True or False, got {compile_tiles!r}')
+    if compile_tiles and (method != 'fused' or not distance or dense_given):
+        got = f'method={method!r}' + (' with a kernel_matrix' if dense_given else '') + (
+            '' if distance else ' and a dot-product kernel')
+        raise ValueError("compile_tiles=True applies to the fused path of a distance kernel (method='fused' or "
+                         f"'auto' for frac_laplacian, inv_frac_laplacian, log, ...), got {got}")
+    return compile_tiles
+
+
 def nonlocal_aggregate(
         theta: Tensor,
         phi: Tensor,
@@ -199,6 +213,7 @@ def nonlocal_aggregate(
         tile_size: Optional[int] = None,
         kernel_matrix: Optional[Tensor] = None,
         rowsum: Optional[Tensor] = None,
+        compile_tiles: bool = False,
 ) -> Tensor:
     """The bracket of one nonlocal stage, before the 1x1 conv K_k (eqs. 4.1, 4.4-4.6).
 
@@ -224,6 +239,9 @@ def nonlocal_aggregate(
             and 2^24 on GPUs.
         kernel_matrix: a dense kernel from :func:`pide_kernel` to apply as it is (several stages share one),
             with its row sums ``rowsum`` (B, N) where given.
+        compile_tiles: the fused path's tiles of a distance kernel with their elementwise work (mask, kernel,
+            derivative) under ``torch.compile`` (opt-in; seconds of compilation per kernel and tile shape, once per
+            process; no effect inside a program that is being compiled or exported as a whole).
 
     Returns:
         (B, C, N) aggregate, in the dtype of ``v_query`` (computed in float32 or float64, with IEEE float32
@@ -234,6 +252,7 @@ def nonlocal_aggregate(
     normalizer = check_normalizer(normalizer)
     method = resolve_method(method, k.operator, k.kernel)
     tile_size = check_tile_size(tile_size)
+    compile_tiles = check_compile_tiles(compile_tiles, method, k.distance, kernel_matrix is not None)
     if kernel_matrix is not None or method == 'dense':
         kern = dense_kernel(k, theta, phi) if kernel_matrix is None else kernel_matrix
         out = dense_aggregate(k, kern, v_query, v_key, normalizer, rowsum if kernel_matrix is not None else None)
@@ -241,6 +260,6 @@ def nonlocal_aggregate(
         out = lowrank_diffusion(theta, phi, v_query, v_key, k.lam / k.embed_scale ** 2, normalizer)
     else:
         tile = query_tile(theta.shape[0], phi.shape[2], tile_size, theta.device)
-        out = fused_aggregate(theta, phi, v_query, v_key, k, normalizer, tile)
+        out = fused_aggregate(theta, phi, v_query, v_key, k, normalizer, tile, compile_tiles)
     return out.to(v_query.dtype)
 

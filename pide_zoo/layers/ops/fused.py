@@ -10,120 +10,32 @@ The automatic tile size is measured in benchmarks/bench_nonlocal.py (docs: bench
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dense import COINCIDENT_EPS, ROWSUM_EPS, guarded_rowsum
+from .compiled import CompiledTiles
+from .dense import ROWSUM_EPS, guarded_rowsum
 from .precision import autocast_off, compute_dtype, ieee_fp32_matmul, is_compiling
 from .table import BoundKernel
+from .tiles import Distances, Workspace, product, with_ones, workspace
 
-__all__ = ['fused_aggregate', 'query_tile', 'check_tile_size']
-
-# Elements of one kernel tile (B * tile * M) when tile_size is not given: about 2^21 on CPU, where the caches
-# and the allocator reuse a tile, 2^24 on GPUs; with many keys at least 64 queries while a tile stays within
-# 2^25, since every tile streams all keys once (measured: docs/benchmarks.md, "The fused path's tile size").
-_TILE_ELEMENTS = {'cpu': 1 << 21}
-_TILE_ELEMENTS_DEFAULT = 1 << 24
-_TILE_MIN_QUERIES = 64
-_TILE_MAX_ELEMENTS = 1 << 25
+__all__ = ['fused_aggregate']
 
 
-def check_tile_size(tile_size: Optional[int]) -> Optional[int]:
-    """Validate ``tile_size``: a positive int, or None for the automatic size."""
-    if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
-        raise ValueError(f'tile_size must be a positive int or None, got {tile_size!r}')
-    return tile_size
-
-
-def query_tile(batch: int, keys: int, tile_size: Optional[int] = None, device: Union[str, torch.device] = 'cpu') -> int:
-    """Query positions per tile of the fused path: ``tile_size``, or as many as keep a tile near
-    2^21 elements on CPU and 2^24 on other devices, but at least 64 while a tile stays within 2^25."""
-    if check_tile_size(tile_size):
-        return tile_size
-    budget = _TILE_ELEMENTS.get(torch.device(device).type, _TILE_ELEMENTS_DEFAULT)
-    per_query = max(1, batch * keys)
-    tile = budget // per_query
-    if tile < _TILE_MIN_QUERIES:
-        tile = min(_TILE_MIN_QUERIES, max(budget, _TILE_MAX_ELEMENTS) // per_query)
-    return max(1, tile)
-
-
-class _Workspace:
-    """Flat buffers that every tile of one call reuses: allocating a fresh tile-sized tensor (its pages faulted in
-    anew) costs more than a pass over it. None where a program is being traced, which must not record out=."""
-
-    def __init__(self, like: Tensor):
-        self.like, self.buffers = like, {}
-
-    def get(self, name: str, *shape: int) -> Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = self.like.new_empty(n)
-        return buf[:n].view(shape)
-
-
-def _workspace(like: Tensor) -> Optional[_Workspace]:
-    return None if is_compiling() else _Workspace(like)
-
-
-def _product(a: Tensor, b: Tensor, ws: Optional[_Workspace], name: str) -> Tensor:
-    """bmm(a, b), into the workspace buffer ``name`` where there is one."""
-    if ws is None:
-        return torch.bmm(a, b)
-    return torch.bmm(a, b, out=ws.get(name, a.shape[0], a.shape[1], b.shape[2]))
-
-
-class _Distances:
-    """What the tiles of one call share: the squared norms, the coincidence floor and the augmented factors
-    [theta; |theta|^2; 1] and [-2 phi; 1; |phi|^2], whose one product is the squared distance of every pair:
-    no broadcast copy of the norms feeds the GEMM and no pass over the tile adds them."""
-
-    def __init__(self, theta: Tensor, phi: Tensor):
-        b, e, n = theta.shape
-        self.theta_aug = theta.new_empty(b, e + 2, n)  # filled in place: no intermediate copies of theta
-        self.theta_aug[:, :e] = theta
-        torch.sum(theta.pow(2), 1, out=self.theta_aug[:, e])
-        self.theta_aug[:, e + 1] = 1.0
-        tt = self.theta_aug[:, e]
-        self.pp = phi.pow(2).sum(1)
-        self.floor = tt * _eps(tt.dtype) + torch.finfo(tt.dtype).tiny
-        self.phi_aug = torch.cat((phi * -2.0, phi.new_ones(phi.shape[0], 1, phi.shape[2]), self.pp.unsqueeze(1)), 1)
-        self._pp_bound: Optional[float] = None
-
-    def squared(self, rows: slice, ws: Optional[_Workspace] = None) -> Tensor:
-        """|theta_i|^2 + |phi_j|^2 - 2 theta_i . phi_j (B, T, M) of the queries ``rows``, in one product."""
-        return _product(self.theta_aug[:, :, rows].transpose(1, 2), self.phi_aug, ws, 'x')
-
-    def coincident(self, d2: Tensor, rows: slice) -> Tensor:
-        """The pairs closer than the squared distance's rounding, as the dense path counts them."""
-        return d2 <= torch.add(self.floor[:, rows].unsqueeze(2), self.pp.unsqueeze(1), alpha=_eps(d2.dtype))
-
-    def no_coincident_pair(self, d2: Tensor, rows: slice) -> bool:
-        """Whether a tile's smallest squared distance lies above the largest coincidence threshold of its rows:
-        then it holds no coincident pair and needs no mask (one reduction instead of four passes over it)."""
-        if not d2.numel():
-            return True
-        if torch.jit.is_tracing() or d2.device.type == 'meta':  # a traced branch would hold for every input
-            return False
-        if self._pp_bound is None:
-            self._pp_bound = float(self.pp.amax()) * _eps(d2.dtype)
-        return float(d2.amin()) > float(self.floor[:, rows].amax()) + self._pp_bound
-
-
-def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distances], rows: slice,
-          derivative: bool, ws: Optional[_Workspace] = None) -> tuple[Tensor, Optional[Tensor]]:
+def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[Distances], rows: slice,
+          derivative: bool, ws: Optional[Workspace] = None) -> tuple[Tensor, Optional[Tensor]]:
     """W (B, T, M) for the queries ``rows`` and, if ``derivative``, Wd (None where it is 1); in the workspace's
     buffers 'x' and 'wd' where there is one."""
     if not derivative and is_compiling():
         return _tile_out_of_place(k, theta_t, phi, stats, rows), None
+    if stats is not None and stats.compiled is not None and not derivative:
+        return stats.compiled.weights(stats, rows, stats.squared(rows, ws)), None
     wd_out = ws.get('wd', theta_t.shape[0], theta_t.shape[2], phi.shape[2]) if ws is not None and derivative else None
     if not k.distance:
-        return k.pair(_product(theta_t.transpose(1, 2), phi, ws, 'x'), derivative, wd_out)
+        return k.pair(product(theta_t.transpose(1, 2), phi, ws, 'x'), derivative, wd_out)
     d2 = stats.squared(rows, ws)
     if not k.singular:
         return k.pair(d2.clamp_min_(0.0), derivative, wd_out)
@@ -136,7 +48,7 @@ def _tile(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distanc
     return w, (wd.masked_fill_(coincident, 0.0) if wd is not None else None)
 
 
-def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[_Distances],
+def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Optional[Distances],
                        rows: slice) -> Tensor:
     """W as :func:`_tile` forms it, without in-place operations: torch.export records the forward pass, and an
     exported program may run under autograd, which in-place updates of saved tensors would break."""
@@ -149,13 +61,10 @@ def _tile_out_of_place(k: BoundKernel, theta_t: Tensor, phi: Tensor, stats: Opti
     return k.value(d2.masked_fill(coincident, 1.0)).masked_fill(coincident, 0.0)
 
 
-def _eps(dtype: torch.dtype) -> float:
-    return COINCIDENT_EPS * torch.finfo(dtype).eps
-
-
-def _with_ones(t: Tensor) -> Tensor:
-    """(B, D, L) -> (B, D + 1, L) with a last row of ones."""
-    return torch.cat((t, t.new_ones(t.shape[0], 1, t.shape[2])), 1)
+def _distances(k: BoundKernel, theta: Tensor, phi: Tensor, compile_tiles: bool) -> Optional[Distances]:
+    if not k.distance:
+        return None
+    return Distances(theta, phi, CompiledTiles.of(k) if compile_tiles and not is_compiling() else None)
 
 
 def _sigma(normalizer: Union[str, float], m: int, n_query: int) -> float:
@@ -166,10 +75,11 @@ def _sigma(normalizer: Union[str, float], m: int, n_query: int) -> float:
 
 
 def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor,
-                   normalizer: Union[str, float], tile: int) -> tuple[Tensor, Optional[Tensor]]:
+                   normalizer: Union[str, float], tile: int, compile_tiles: bool = False
+                   ) -> tuple[Tensor, Optional[Tensor]]:
     """The aggregate (B, C, N) and the row sums r (B, N) where the operator or normalizer uses them."""
     b, _, n_query = theta.shape
-    stats = _Distances(theta, phi) if k.distance else None
+    stats = _distances(k, theta, phi, compile_tiles)
     need_r = k.s2 != 0 or normalizer == 'rowsum'
     out = v_query.new_empty(v_query.shape)
     rowsum = theta.new_empty(b, n_query) if need_r else None
@@ -177,17 +87,17 @@ def _fused_forward(k: BoundKernel, theta: Tensor, phi: Tensor, v_query: Tensor, 
     # Only for the difference forms' distance kernels, whose weights are positive: sums that may cancel (dot
     # products, the log kernel) keep torch's more accurate reduction.
     fold = need_r and k.distance and k.s2 != 0
-    values = _with_ones(v_key) if fold else v_key
-    ws = _workspace(theta)
+    values = with_ones(v_key) if fold else v_key
+    ws = workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         w, _ = _tile(k, theta[:, :, rows], phi, stats, rows, False, ws)
-        product = _product(values, w.transpose(1, 2), ws, 'p')
+        agg = product(values, w.transpose(1, 2), ws, 'p')
         if fold:
-            out[:, :, rows] = product[:, :-1]
-            rowsum[:, rows] = product[:, -1]  # no out=: an exported program may run with autograd
+            out[:, :, rows] = agg[:, :-1]
+            rowsum[:, rows] = agg[:, -1]  # no out=: an exported program may run with autograd
         else:
-            out[:, :, rows] = product
+            out[:, :, rows] = agg
             if need_r:
                 rowsum[:, rows] = w.sum(2)
     a, sigma = k.a, _sigma(normalizer, phi.shape[2], n_query)
@@ -212,9 +122,9 @@ class _FusedAggregate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, phi, v_query, v_key, k, normalizer, tile):
-        out, rowsum = _fused_forward(k, theta, phi, v_query, v_key, normalizer, tile)
-        ctx.k, ctx.normalizer, ctx.tile = k, normalizer, tile
+    def forward(ctx, theta, phi, v_query, v_key, k, normalizer, tile, compile_tiles):
+        out, rowsum = _fused_forward(k, theta, phi, v_query, v_key, normalizer, tile, compile_tiles)
+        ctx.k, ctx.normalizer, ctx.tile, ctx.compile_tiles = k, normalizer, tile, compile_tiles
         ctx.save_for_backward(theta, phi, v_query, v_key, rowsum, out if normalizer == 'rowsum' else None)
         return out
 
@@ -248,8 +158,8 @@ def _fused_backward(ctx, grad) -> tuple:
     need_kernel_grad = need_theta or need_phi
     g_theta = g_phi = g_vk = None
     if not (need_kernel_grad or need_vk):
-        return g_theta, g_phi, g_vq, g_vk, None, None, None
-    stats = _Distances(theta, phi) if k.distance else None
+        return g_theta, g_phi, g_vq, g_vk, None, None, None, None
+    stats = _distances(k, theta, phi, ctx.compile_tiles)
     if need_vk:
         g_vk = torch.zeros_like(v_key)
     if k.distance and need_kernel_grad:
@@ -261,7 +171,7 @@ def _fused_backward(ctx, grad) -> tuple:
         g_phi = torch.zeros_like(phi)
     # dL/dx_ij = scale * S_ij with S = (s1 g_hat_i . V_j + q_i) Wd_ij (s1 folded into scale when q = 0).
     scale = k.a * k.b * (1.0 if q is not None else k.s1)
-    ws = _workspace(theta)
+    ws = workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
         theta_t, g_t = theta[:, :, rows], g_hat[:, :, rows]
@@ -270,7 +180,7 @@ def _fused_backward(ctx, grad) -> tuple:
             g_vk.baddbmm_(g_t, w, alpha=k.a * k.s1)
         if not need_kernel_grad:
             continue
-        sg = _product(g_t.transpose(1, 2), v_key, ws, 'sg')
+        sg = product(g_t.transpose(1, 2), v_key, ws, 'sg')
         if q is not None:
             sg.mul_(k.s1).add_(q[:, rows].unsqueeze(2))
         if wd is not None:
@@ -281,11 +191,11 @@ def _fused_backward(ctx, grad) -> tuple:
             g_phi.baddbmm_(theta_t, sg)
     if need_phi:
         g_phi.mul_(scale)
-    return g_theta, g_phi, g_vq, g_vk, None, None, None
+    return g_theta, g_phi, g_vq, g_vk, None, None, None, None
 
 
 def _distance_backward(k: BoundKernel, theta: Tensor, phi: Tensor, v_key: Tensor, g_hat: Tensor,
-                       q: Optional[Tensor], g_rows: Optional[Tensor], stats: _Distances, tile: int, need_theta: bool,
+                       q: Optional[Tensor], g_rows: Optional[Tensor], stats: Distances, tile: int, need_theta: bool,
                        need_phi: bool, g_vk: Optional[Tensor], g_vq: Optional[Tensor]) -> tuple:
     """The distance kernels' gradients, every per-pair sum inside a product: with x = |theta_i - phi_j|^2,
     dtheta_i = 2 (theta_i sum_j S_ij - sum_j S_ij phi_j), where [-2 phi; 1] S^T gives both sums at once, and
@@ -298,19 +208,23 @@ def _distance_backward(k: BoundKernel, theta: Tensor, phi: Tensor, v_key: Tensor
         g_rows = g_hat
     else:
         torch.mul(q, k.s1, out=g_rows[:, -1])
-        values = _with_ones(v_key)
+        values = with_ones(v_key)
     g_theta = torch.empty_like(theta) if need_theta else None
     sums = phi.new_zeros(phi.shape[0], e + 2, phi.shape[2]) if need_phi else None  # [theta; |theta|^2; 1] S
     phi_rows = stats.phi_aug[:, :e + 1]  # [-2 phi; 1]
-    ws = _workspace(theta)
+    ws = workspace(theta)
     for start in range(0, n_query, tile):
         rows = slice(start, start + tile)
-        w, wd = _tile(k, theta[:, :, rows], phi, stats, rows, True, ws)
+        if stats.compiled is not None:
+            d2, sg = stats.squared(rows, ws), product(g_rows[:, :, rows].transpose(1, 2), values, ws, 'sg')
+            w = stats.compiled.weights_and_gradient(stats, rows, d2, sg)
+        else:
+            w, wd = _tile(k, theta[:, :, rows], phi, stats, rows, True, ws)
+            sg = product(g_rows[:, :, rows].transpose(1, 2), values, ws, 'sg')
+            if wd is not None:
+                sg.mul_(wd)
         if g_vk is not None:
             g_vk.baddbmm_(g_hat[:, :, rows], w, alpha=k.a * k.s1)
-        sg = _product(g_rows[:, :, rows].transpose(1, 2), values, ws, 'sg')
-        if wd is not None:
-            sg.mul_(wd)
         if need_theta:
             p = torch.bmm(phi_rows, sg.transpose(1, 2))  # (B, E + 1, T): -2 sum_j S_ij phi_j, sum_j S_ij
             g_theta[:, :, rows] = torch.addcmul(p[:, :e], theta[:, :, rows], p[:, e:], value=2.0).mul_(scale / 2)
@@ -319,14 +233,14 @@ def _distance_backward(k: BoundKernel, theta: Tensor, phi: Tensor, v_key: Tensor
     g_phi = None
     if need_phi:
         g_phi = torch.addcmul(sums[:, :e].neg_(), phi, sums[:, e + 1:]).mul_(scale)
-    return g_theta, g_phi, g_vq, g_vk, None, None, None
+    return g_theta, g_phi, g_vq, g_vk, None, None, None, None
 
 
 def fused_aggregate(theta: Tensor, phi: Tensor, v_query: Tensor, v_key: Tensor, k: BoundKernel,
-                     normalizer: Union[str, float], tile: int) -> Tensor:
+                     normalizer: Union[str, float], tile: int, compile_tiles: bool = False) -> Tensor:
     dtype = compute_dtype(theta, phi, v_query, v_key)
     with autocast_off(theta), ieee_fp32_matmul():
         theta, phi, vq, vk = (t.to(dtype) for t in (theta, phi, v_query, v_key))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, phi, vq, vk)):
-            return _FusedAggregate.apply(theta, phi, vq, vk, k, normalizer, tile)
-        return _fused_forward(k, theta, phi, vq, vk, normalizer, tile)[0]
+            return _FusedAggregate.apply(theta, phi, vq, vk, k, normalizer, tile, compile_tiles)
+        return _fused_forward(k, theta, phi, vq, vk, normalizer, tile, compile_tiles)[0]
