@@ -49,7 +49,8 @@ def read_run(work_dir: str) -> list:
     ious = [m.group(2) for m in map(_CLASS_ROW.match, lines[start:]) if m]  # the classes in the dataset's order
     backbone = Config.fromfile(configs[-1]).model.backbone
     block = backbone.get('block_cfg') or {}
-    return [osp.basename(configs[-1]), block.get('operator', '– (local)'), block.get('kernel_scale', '–'),
+    operator = block.get('operator', '– (local)') + (' (compiled tiles)' if block.get('compile_tiles') else '')
+    return [osp.basename(configs[-1]), operator, block.get('kernel_scale', '–'),
             '/'.join(map(str, backbone.widths)), val[-1]['aAcc'], val[-1]['mIoU'],
             ' / '.join(ious[:4]) if len(ious) >= 4 else '?',
             round(sum(times) / len(times), 3)]
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     command = ('.venv/bin/python tools/train.py configs/<config> --work-dir work_dirs/demo_<run> '
                '[--cfg-options model.backbone.block_cfg.operator=<operator> '
-               'model.backbone.block_cfg.kernel_scale=<kernel_scale>]; '
+               'model.backbone.block_cfg.kernel_scale=<kernel_scale> [model.backbone.block_cfg.compile_tiles=True]]; '
                f'python tools/demo_table.py {" ".join(shlex.quote(w) for w in args.work_dirs)}')
     write_table(Path(args.out), SimpleNamespace(command=command, device='cpu'),
                 'demo_longrange', 'The long-range demo: 600 iterations, batch 8, seed 0, validation at the end',

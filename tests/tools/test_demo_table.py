@@ -42,13 +42,15 @@ def _work_dir(root, name, block_cfg, finished=True):
 def test_rows_from_work_dirs(tmp_path):
     a = _work_dir(tmp_path, 'frac', dict(operator='frac_laplacian', kernel_scale='width'))
     b = _work_dir(tmp_path, 'local', None)
+    c = _work_dir(tmp_path, 'compiled', dict(operator='log', compile_tiles=True))
     out = tmp_path / 'demo.json'
-    assert demo_table.main([a, b, '--out', str(out)]) == 0
+    assert demo_table.main([a, b, c, '--out', str(out)]) == 0
     data = json.loads(out.read_text())
     assert data['columns'] == demo_table.COLUMNS and data['environment']['device'] == 'cpu'
     assert data['rows'][0] == ['demo_longrange.py', 'frac_laplacian', 'width', '16/32/256', 99.99, 99.83,
                                '99.99 / 99.81 / 99.9 / 99.62', 1.5]
     assert data['rows'][1][1:3] == ['– (local)', '–']
+    assert data['rows'][2][1] == 'log (compiled tiles)'
 
 
 def test_every_bad_work_dir_is_named_and_nothing_is_written(tmp_path, capsys):
