@@ -80,7 +80,7 @@ POINTWISE_OPS = (
 ZERO_COST_OPS = (
     'aten::view_as', 'aten::where', 'aten::ones_like', 'aten::new_ones', 'aten::empty_like', 'aten::lt', 'aten::le',
     'aten::ne', 'aten::sign', 'aten::clone', 'aten::alias', 'aten::expand_as', 'aten::reshape_as',
-    'aten::masked_fill', 'aten::masked_fill_',
+    'aten::masked_fill', 'aten::masked_fill_', 'aten::fill_',
     'aten::pad', 'aten::ceil',  # TensorFlow-'same' padding (resnet44_cifar): a copy, and its size arithmetic
     'aten::dropout', 'aten::feature_dropout',  # identities in eval mode (mmseg heads' Dropout2d)
 )

@@ -8,6 +8,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_demo  # noqa: E402
 import bench_heads  # noqa: E402
 import bench_init  # noqa: E402
 import bench_mixing  # noqa: E402
@@ -122,6 +123,19 @@ def test_bench_network_compares_with_the_first_model(tmp_path):
     bench_network.main(QUICK + ['--models', 'resnet44_cifar,preresnet20_cifar', '--out', str(tmp_path / 'n.json')])
     rows = load(tmp_path / 'n.json', 2)
     assert rows[0]['time / resnet44_cifar'] == 1.0 and rows[1]['step ms'] > 0 and rows[1]['params (M)'] > 0.5
+
+
+def test_bench_demo_times_the_demo_iteration_per_operator(tmp_path):
+    """The demo's train_step per network, relative to diffusion's; the compiled tiles' compile time in the notes."""
+    pytest.importorskip('mmseg')
+    out = tmp_path / 'd.json'
+    bench_demo.main(QUICK + ['--operators', 'local,diffusion,log', '--out', str(out)])
+    rows = load(out, 3)
+    assert [r['network'] for r in rows] == ['local', 'diffusion', 'log']
+    assert rows[1]['time / diffusion'] == 1.0 and all(r['iteration ms'] > 0 for r in rows)
+    assert rows[0]['params'] < rows[1]['params'] == rows[2]['params']
+    with pytest.raises(SystemExit):
+        bench_demo.main(QUICK + ['--operators', 'gaussian', '--out', str(out)])
 
 
 def test_bench_heads(tmp_path):
