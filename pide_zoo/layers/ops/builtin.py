@@ -65,14 +65,14 @@ def _bind_power(constant: Callable[[float, int], float], sign: int):
 
 
 def _bind_log(s, n, lam, kernel, embed_scale) -> Bound:
-    # -2 log|d| - gamma = -log x - gamma = ln 2 (-log2 x - gamma / ln 2): ln 2 goes into a, since log2 is the
-    # cheaper transcendental on CPUs (the tiles' dominant pass); d/dx = -1/x = ln 2 (-1 / ln 2) / x.
+    # -2 log|d| - gamma = -log x - gamma = -ln 2 (log2 x + gamma / ln 2): -ln 2 goes into a, since log2 is the
+    # cheaper transcendental on CPUs (the tiles' dominant pass) and the sign costs no pass; d/dx = -1/x.
     shift = (EULER_GAMMA - 2 * math.log(embed_scale)) / _LN2
 
     def pair(x, derivative, out=None):
         inv = torch.reciprocal(x, out=out) if derivative else None
-        return x.log2_().neg_().sub_(shift), inv
-    return lam * _log_constant(s, n) * _LN2, -1.0 / _LN2, pair, lambda x: x.log2().neg().sub(shift)
+        return x.log2_().add_(shift), inv
+    return -lam * _log_constant(s, n) * _LN2, 1.0 / _LN2, pair, lambda x: x.log2().add(shift)
 
 
 def _check_frac(s: float, n: int) -> Optional[str]:
