@@ -68,13 +68,13 @@ SEG_IMG_SIZE = (90, 160)
 POINTWISE_OPS = (
     'aten::add', 'aten::add_', 'aten::sub', 'aten::sub_', 'aten::rsub', 'aten::mul', 'aten::mul_',
     'aten::div', 'aten::div_', 'aten::addcmul', 'aten::addcmul_', 'aten::neg', 'aten::pow', 'aten::log',
-    'aten::exp', 'aten::sqrt',
+    'aten::log2', 'aten::exp', 'aten::sqrt',
     'aten::rsqrt', 'aten::reciprocal', 'aten::abs', 'aten::square', 'aten::clamp_min', 'aten::clamp_max',
     'aten::sigmoid', 'aten::tanh', 'aten::silu', 'aten::gelu', 'aten::hardswish', 'aten::hardsigmoid',
     'aten::softmax',
     # in-place forms (the tiled kernel path works in place to keep one N x M buffer)
     'aten::neg_', 'aten::pow_', 'aten::rsqrt_', 'aten::reciprocal_', 'aten::sqrt_', 'aten::exp_', 'aten::log_',
-    'aten::clamp_min_', 'aten::clamp_max_',
+    'aten::log2_', 'aten::clamp_min_', 'aten::clamp_max_',
 )
 # Ops that move, select, compare or create data, beyond those fvcore already ignores (relu, cat, view...).
 ZERO_COST_OPS = (
